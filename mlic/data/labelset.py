@@ -1,0 +1,214 @@
+"""LabelSet: the one canonical form of a labelled image collection.
+
+A LabelSet holds class names, image paths relative to a root folder, and an int8 target
+matrix (N, K) with 1 = positive, 0 = negative, -1 = unknown (not observed). Every reader
+produces one, every trainer consumes one.
+
+On disk a LabelSet is a directory::
+
+    labelset.json   {"classes": [...], "image_paths": [...], "root": "...", "split": "...", "format": 1}
+    targets.npy     int8 (N, K)
+    observed.npy    optional int8 (N, K): the observed (partial) labels used for training
+
+``load`` memory-maps the npy files, so a few hundred thousand images cost nothing until read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = 1
+
+
+class LabelSetError(ValueError):
+    """A LabelSet is malformed; the message names the file or field and the fix."""
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old or the new file, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    """``np.save`` through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, np.ascontiguousarray(array))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def check_targets(targets: np.ndarray, name: str = "targets") -> np.ndarray:
+    """Validate a target matrix and return it as int8.
+
+    Args:
+        targets: (N, K) array with values in {1, 0, -1}.
+        name: what to call the array in error messages.
+    """
+    targets = np.asarray(targets)
+    if targets.ndim != 2:
+        raise LabelSetError(f"{name} must be a 2-D (images x classes) matrix, got shape {targets.shape}")
+    if targets.size and not np.isin(targets, (-1, 0, 1)).all():
+        bad = np.unique(targets[~np.isin(targets, (-1, 0, 1))])[:5]
+        raise LabelSetError(f"{name} may hold only 1 (positive), 0 (negative), -1 (unknown); found {bad.tolist()}")
+    return targets.astype(np.int8, copy=False)
+
+
+@dataclass
+class LabelSet:
+    """Images with multi-label targets.
+
+    Attributes:
+        classes: K class names, unique.
+        image_paths: N paths relative to ``root`` (POSIX separators).
+        targets: int8 (N, K): 1 positive, 0 negative, -1 unknown. The clean labels when known.
+        root: folder the image paths are relative to.
+        split: name of the split ("train", "val", "test", ...).
+        observed: optional int8 (N, K) observed labels (e.g. single positive), same encoding;
+            training uses these when present, evaluation always uses ``targets``.
+    """
+
+    classes: list[str]
+    image_paths: list[str]
+    targets: np.ndarray
+    root: str = "."
+    split: str = ""
+    observed: np.ndarray | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.classes = [str(c) for c in self.classes]
+        self.image_paths = [str(p) for p in self.image_paths]
+        self.targets = check_targets(self.targets)
+        n, k = self.targets.shape
+        if len(self.classes) != k:
+            raise LabelSetError(f"{len(self.classes)} class names but targets have {k} columns")
+        if len(self.image_paths) != n:
+            raise LabelSetError(f"{len(self.image_paths)} image paths but targets have {n} rows")
+        seen: set[str] = set()
+        dupes = [c for c in self.classes if c in seen or seen.add(c)]
+        if dupes:
+            raise LabelSetError(f"duplicate class names: {sorted(set(dupes))[:5]}")
+        if self.observed is not None:
+            self.observed = check_targets(self.observed, "observed")
+            if self.observed.shape != self.targets.shape:
+                raise LabelSetError(f"observed has shape {self.observed.shape}, targets {self.targets.shape}")
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def train_targets(self) -> np.ndarray:
+        """The labels a trainer sees: ``observed`` when present, else ``targets``."""
+        return self.observed if self.observed is not None else self.targets
+
+    def path(self, i: int) -> Path:
+        """Absolute path of image ``i``."""
+        return Path(self.root) / self.image_paths[i]
+
+    def subset(self, indices: np.ndarray | list[int], split: str | None = None) -> LabelSet:
+        """Rows ``indices`` as a new LabelSet (arrays copied into memory)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return LabelSet(
+            classes=list(self.classes),
+            image_paths=[self.image_paths[i] for i in idx],
+            targets=np.array(self.targets[idx]),
+            root=self.root,
+            split=self.split if split is None else split,
+            observed=None if self.observed is None else np.array(self.observed[idx]),
+            meta=dict(self.meta),
+        )
+
+    def with_observed(self, observed: np.ndarray | None) -> LabelSet:
+        """A copy whose observed labels are ``observed``."""
+        return LabelSet(self.classes, self.image_paths, self.targets, self.root, self.split, observed, dict(self.meta))
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the LabelSet to ``directory`` atomically, file by file; returns the directory."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_save_npy(directory / "targets.npy", self.targets)
+        if self.observed is not None:
+            atomic_save_npy(directory / "observed.npy", self.observed)
+        elif (directory / "observed.npy").exists():
+            (directory / "observed.npy").unlink()
+        root = os.path.relpath(Path(self.root).resolve(), directory.resolve())
+        header = {
+            "format": FORMAT_VERSION,
+            "classes": self.classes,
+            "image_paths": self.image_paths,
+            "root": root,
+            "split": self.split,
+            "meta": self.meta,
+        }
+        atomic_write_bytes(directory / "labelset.json", json.dumps(header).encode())
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, mmap: bool = True) -> LabelSet:
+        """Read a LabelSet written by :meth:`save`.
+
+        ``root`` is stored relative to the directory, so a prepared folder can move with its images.
+        """
+        directory = Path(directory)
+        header_path = directory / "labelset.json"
+        if not header_path.is_file():
+            raise LabelSetError(f"{header_path}: not found; prepare the data first (mlic prepare ... --out {directory})")
+        try:
+            header = json.loads(header_path.read_text())
+        except json.JSONDecodeError as e:
+            raise LabelSetError(f"{header_path}: not valid JSON ({e}); prepare the data again") from None
+        for key in ("classes", "image_paths"):
+            if key not in header:
+                raise LabelSetError(f"{header_path}: missing field '{key}'; prepare the data again")
+        mode = "r" if mmap else None
+        try:
+            targets = np.load(directory / "targets.npy", mmap_mode=mode, allow_pickle=False)
+            obs_path = directory / "observed.npy"
+            observed = np.load(obs_path, mmap_mode=mode, allow_pickle=False) if obs_path.exists() else None
+        except (OSError, ValueError) as e:
+            raise LabelSetError(f"{directory}: cannot read the target matrix ({e}); prepare the data again") from None
+        root = header.get("root", ".")
+        root = str((directory / root).resolve()) if not os.path.isabs(root) else root
+        try:
+            return cls(
+                classes=header["classes"],
+                image_paths=header["image_paths"],
+                targets=targets,
+                root=root,
+                split=header.get("split", ""),
+                observed=observed,
+                meta=header.get("meta", {}),
+            )
+        except LabelSetError as e:
+            raise LabelSetError(f"{directory}: {e}") from None

@@ -1,0 +1,100 @@
+"""Checkpoints: what a run leaves on disk and how it is read back.
+
+A model directory holds ``model.safetensors`` (weights) and ``model.json`` (the ModelConfig that
+rebuilds the model, class names, per-class thresholds, the mlic version, and whatever the
+writer adds, e.g. metrics). Both are written atomically. Resume state (``last.pt``: optimizer,
+scheduler, EMA, epoch, RNG) is a torch file of tensors and plain containers, read with
+``weights_only=True``: nothing a user was handed gets unpickled.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save
+
+from mlic import __version__
+from mlic.config import ModelConfig
+from mlic.data.labelset import atomic_write_bytes
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable or does not fit; the message names the file and the fix."""
+
+
+def save_model(
+    directory: str | Path, model: torch.nn.Module, config: ModelConfig, classes: list[str],
+    thresholds: np.ndarray | list[float] | None = None, extra: dict | None = None,
+) -> Path:
+    """Write weights and metadata of ``model`` into ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if len(classes) != config.num_classes:
+        raise CheckpointError(f"{len(classes)} class names for a model with {config.num_classes} outputs")
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(directory / "model.safetensors", save(state))
+    thresholds = [0.5] * len(classes) if thresholds is None else [float(t) for t in thresholds]
+    meta = {
+        "mlic_version": __version__,
+        "model": config.to_dict(),
+        "classes": list(classes),
+        "thresholds": thresholds,
+        **(extra or {}),
+    }
+    atomic_write_bytes(directory / "model.json", json.dumps(meta, indent=1).encode())
+    return directory
+
+
+def read_model_meta(directory: str | Path) -> dict:
+    """The parsed ``model.json`` of a model directory."""
+    directory = Path(directory)
+    meta_path = directory / "model.json"
+    if not meta_path.is_file():
+        hint = " (an official Query2Label folder? use: mlic convert q2l)" if (directory / "checkpoint.pkl").exists() else ""
+        raise CheckpointError(f"{meta_path}: not found; --checkpoint must be a run or model directory from mlic{hint}")
+    try:
+        meta = json.loads(meta_path.read_text())
+        ModelConfig.from_dict(meta["model"])
+        meta["classes"]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{meta_path}: not an mlic model description ({e})") from None
+    return meta
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild the model saved in ``directory``; returns (model in eval mode, metadata)."""
+    from mlic.models.classifier import build_model
+
+    directory = Path(directory)
+    meta = read_model_meta(directory)
+    config = ModelConfig.from_dict(meta["model"])
+    model = build_model(config)
+    weights = directory / "model.safetensors"
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{weights}: cannot read weights ({e}); the run may not have finished an epoch") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{weights}: weights do not fit the model in model.json "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.to(device).eval(), meta
+
+
+def save_state(path: str | Path, state: dict) -> None:
+    """Write resume state (tensors and plain containers) atomically."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_state(path: str | Path) -> dict:
+    """Read resume state written by :func:`save_state`, refusing anything but tensors and containers."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path}: cannot read resume state ({type(e).__name__}); delete it to start over") from None

@@ -1,0 +1,164 @@
+"""Backbones: modules mapping images (B, 3, H, W) to feature maps (B, C, h, w).
+
+Any timm model name works (``TimmBackbone``); weights come only from a local file
+(``pretrained=PATH``), never from a hub. In-house backbones that timm lacks are registered in
+``BACKBONES``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+BACKBONES: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_backbone(name: str) -> Callable:
+    """Decorator adding an in-house backbone factory under ``name``; refuses duplicates."""
+
+    def add(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in BACKBONES:
+            raise ValueError(f"backbone '{name}' is registered twice")
+        BACKBONES[name] = fn
+        return fn
+
+    return add
+
+
+class WeightsError(ValueError):
+    """A weight file cannot be read or does not fit the model; the message names the file."""
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read tensors from a local ``.safetensors`` or torch file without unpickling arbitrary objects.
+
+    A torch file may hold the state dict itself or under ``state_dict`` / ``model`` / ``module``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: weight file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any decoding failure becomes one clear line
+        raise WeightsError(f"{path}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path}: expected a state dict of tensors")
+    return obj
+
+
+def strip_prefixes(state_dict: dict[str, torch.Tensor], prefixes: tuple[str, ...] = ("module.", "_orig_mod.")) -> dict:
+    """Remove wrapper prefixes left by DDP and torch.compile."""
+    out = {}
+    for k, v in state_dict.items():
+        for p in prefixes:
+            while k.startswith(p):
+                k = k[len(p):]
+        out[k] = v
+    return out
+
+
+def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
+    """Load ImageNet-style weights into a timm model strictly, except for its classifier.
+
+    Keys of the model's own classifier (``default_cfg['classifier']``) may be absent or extra;
+    any other missing or unexpected key, or a shape mismatch, is an error naming the file.
+    """
+    state = strip_prefixes(read_state_dict(path))
+    own = model.state_dict()
+    classifier = getattr(model, "default_cfg", {}).get("classifier", "fc") if hasattr(model, "default_cfg") else "fc"
+    heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    is_head = lambda k: any(k == h or k.startswith(h + ".") for h in heads)  # noqa: E731
+    state = {k: v for k, v in state.items() if not is_head(k)}
+    missing = sorted(k for k in own if k not in state and not is_head(k))
+    unexpected = sorted(k for k in state if k not in own)
+    shape = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or shape:
+        detail = "; ".join(
+            f"{what}: {keys[:3]}{' ...' if len(keys) > 3 else ''}"
+            for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shape)) if keys
+        )
+        raise WeightsError(f"{path}: weights do not fit this backbone ({detail}); check --backbone")
+    model.load_state_dict(state, strict=False)
+
+
+class TimmBackbone(nn.Module):
+    """A timm model cut before its pooling: forward gives (B, C, h, w) feature maps.
+
+    Channels-last (Swin, NHWC) and token outputs (ViT, B×N×C) are turned into NCHW maps.
+    """
+
+    def __init__(self, name: str, pretrained: str | Path | None = None, **kwargs) -> None:
+        super().__init__()
+        try:
+            self.body = timm.create_model(name, pretrained=False, num_classes=0, global_pool="", **kwargs)
+        except RuntimeError as e:
+            raise ValueError(f"unknown backbone '{name}': {e}") from None
+        if pretrained:
+            load_backbone_weights(self.body, pretrained)
+        self.num_channels = int(self.body.num_features)
+        self.num_prefix_tokens = int(getattr(self.body, "num_prefix_tokens", 0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.body.forward_features(x)
+        if f.ndim == 3:  # tokens (B, N, C): drop class/register tokens, fold the rest into a grid
+            f = f[:, self.num_prefix_tokens:]
+            side = int(round(f.shape[1] ** 0.5))
+            return f.transpose(1, 2).reshape(f.shape[0], f.shape[2], side, -1)
+        if f.shape[1] != self.num_channels and f.shape[-1] == self.num_channels:
+            f = f.permute(0, 3, 1, 2)
+        return f.contiguous() if f.ndim == 4 and not f.is_contiguous() else f
+
+
+def conv_bn_relu(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class DigitNet(nn.Module):
+    """A small CNN (≈0.6M parameters, stride 8) that trains from scratch in minutes on 2 CPU cores.
+
+    The default backbone for MultiDigits. Output: (B, width*4, H/8, W/8).
+    """
+
+    def __init__(self, width: int = 32, pretrained: str | Path | None = None) -> None:
+        super().__init__()
+        w = width
+        self.body = nn.Sequential(
+            conv_bn_relu(3, w, 1), conv_bn_relu(w, w, 2),
+            conv_bn_relu(w, 2 * w, 1), conv_bn_relu(2 * w, 2 * w, 2),
+            conv_bn_relu(2 * w, 4 * w, 1), conv_bn_relu(4 * w, 4 * w, 2),
+            conv_bn_relu(4 * w, 4 * w, 1),
+        )
+        self.num_channels = 4 * w
+        if pretrained:
+            state = strip_prefixes(read_state_dict(pretrained))
+            missing, unexpected = self.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise WeightsError(f"{pretrained}: weights do not fit digitnet (missing {missing[:3]}, "
+                                   f"unexpected {unexpected[:3]})")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+register_backbone("digitnet")(DigitNet)
+
+
+def build_backbone(name: str, pretrained: str | Path | None = None, **kwargs) -> nn.Module:
+    """An in-house backbone by name, else the timm model of that name; has ``.num_channels``."""
+    if name in BACKBONES:
+        return BACKBONES[name](pretrained=pretrained, **kwargs)
+    if name not in timm.list_models():
+        raise ValueError(f"unknown backbone '{name}': neither in-house ({', '.join(sorted(BACKBONES))}) nor a timm "
+                         "model name (see timm.list_models())")
+    return TimmBackbone(name, pretrained=pretrained, **kwargs)

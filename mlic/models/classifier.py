@@ -1,0 +1,38 @@
+"""A classifier is a backbone and a head composed; ``build_model`` makes one from a ModelConfig."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mlic.config import ModelConfig
+from mlic.models.backbones import build_backbone
+from mlic.models.heads import HEADS
+
+
+class Classifier(nn.Module):
+    """backbone (B,3,H,W) -> (B,C,h,w) -> head -> logits (B,K)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, config: ModelConfig) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.config = config
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised images -> (B, K) logits."""
+        return self.head(self.backbone(images))
+
+
+def build_model(config: ModelConfig, pretrained: str | Path | None = None) -> Classifier:
+    """Build the classifier a config describes; ``pretrained`` is a local backbone weight file."""
+    if config.head not in HEADS:
+        raise ValueError(f"unknown head '{config.head}'; choose one of: {', '.join(sorted(HEADS))}")
+    backbone = build_backbone(config.backbone, pretrained=pretrained, **config.backbone_args)
+    head = HEADS[config.head](backbone.num_channels, config.num_classes, **config.head_args)
+    return Classifier(backbone, head, config)
