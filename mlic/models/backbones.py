@@ -162,3 +162,6 @@ def build_backbone(name: str, pretrained: str | Path | None = None, **kwargs) ->
         raise ValueError(f"unknown backbone '{name}': neither in-house ({', '.join(sorted(BACKBONES))}) nor a timm "
                          "model name (see timm.list_models())")
     return TimmBackbone(name, pretrained=pretrained, **kwargs)
+
+
+from mlic.models import cvt as _cvt  # noqa: E402,F401  (registers the in-house "cvt_w24")
