@@ -272,3 +272,30 @@ def test_config_translation():
     assert cvt.backbone == "cvt_w24" and cvt.head_args["decoder_self_attn"] is True
     with pytest.raises(OfficialCheckpointError, match="missing 'hidden_dim'"):
         model_config_from_official({"backbone": "resnet101", "num_class": 80, "img_size": 448})
+
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
+@pytest.mark.parametrize("name,key_list", [("q2l_r101_448", "keys_r101_448.txt"), ("q2l_r101_576", "keys_r101_576.txt"),
+                                           ("q2l_tresnetl_448", "keys_tresnetl_448.txt")])
+def test_recipe_builds_the_release_architecture(name, key_list):
+    from mlic.config import ModelConfig, TrainConfig, load_recipe
+
+    model_dict, train_dict = load_recipe(RECIPES / f"{name}.yaml")
+    recipe, train = ModelConfig.from_dict(model_dict), TrainConfig.from_dict(train_dict)
+    assert train.loss == "asl" and train.loss_args["scale"] == 1000 and train.ema == 0.9997
+    path = KEY_LISTS / key_list
+    if not path.is_file():
+        pytest.skip(f"shared key list not found at {path}")
+    release = model_config_from_official(read_key_list(path)[0])
+    assert (recipe.backbone, recipe.img_size, recipe.mean, recipe.std) == \
+        (release.backbone, release.img_size, release.mean, release.std)
+    with torch.device("meta"):
+        ours, theirs = build_model(recipe).state_dict(), build_model(release).state_dict()
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    with torch.device("meta"):
+        backbone = build_model(recipe).backbone
+    frozen = [n for n, _ in backbone.named_parameters()
+              if any(n.removeprefix("body.") == p or n.removeprefix("body.").startswith(p + ".") for p in train.freeze)]
+    assert frozen and all(".layer2." not in n for n in frozen)
