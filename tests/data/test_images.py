@@ -1,0 +1,272 @@
+"""Image decoding, mode conversion, EXIF, bad files, transforms and batching, on real files written by PIL."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFile
+
+from mlic.data.images import (
+    Cutout,
+    ImageDataset,
+    ImageError,
+    build_transform,
+    collate,
+    decode_image,
+    load_image,
+    make_loader,
+    normalize,
+)
+from mlic.data.labelset import LabelSet
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def photo(h: int = 48, w: int = 64, seed: int = 0) -> np.ndarray:
+    """Smooth colour gradients: JPEG keeps them close to the original."""
+    y, x = np.mgrid[0:h, 0:w]
+    rng = np.random.default_rng(seed)
+    img = np.stack([x * 255 / w, y * 255 / h, np.full_like(x, rng.integers(0, 255))], -1)
+    return img.astype(np.uint8)
+
+
+def both(path: Path) -> np.ndarray:
+    """Decode with both public decoders, check they agree, return HWC uint8."""
+    pil = np.asarray(load_image(path))
+    tensor = decode_image(path).permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(pil, tensor)
+    return pil
+
+
+# ---- mode conversions ---------------------------------------------------------------------------------------
+
+def test_palette_png(tmp_path):
+    img = Image.new("P", (4, 2))
+    img.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    img.putdata([0, 1, 0, 1, 1, 1, 0, 0])
+    img.save(tmp_path / "p.png")
+    out = both(tmp_path / "p.png")
+    assert out.shape == (2, 4, 3)
+    assert out[0, 0].tolist() == [255, 0, 0] and out[0, 1].tolist() == [0, 0, 255]
+
+
+def test_palette_with_transparency_goes_on_white(tmp_path):
+    img = Image.new("P", (2, 1))
+    img.putpalette([10, 20, 30, 0, 0, 0] + [0] * 762)
+    img.putdata([0, 1])
+    img.save(tmp_path / "t.png", transparency=1)
+    out = both(tmp_path / "t.png")
+    assert out[0, 0].tolist() == [10, 20, 30]
+    assert out[0, 1].tolist() == [255, 255, 255]
+
+
+def test_rgba_and_la_composite_on_white(tmp_path):
+    rgba = np.zeros((1, 3, 4), np.uint8)
+    rgba[0, 0] = [200, 0, 0, 255]
+    rgba[0, 1] = [200, 0, 0, 0]
+    rgba[0, 2] = [0, 0, 0, 128]
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    out = both(tmp_path / "a.png")
+    assert out[0, 0].tolist() == [200, 0, 0]
+    assert out[0, 1].tolist() == [255, 255, 255]
+    assert all(abs(v - 127) <= 1 for v in out[0, 2])  # half black over white
+    Image.fromarray(np.array([[[50, 255], [50, 0]]], np.uint8), "LA").save(tmp_path / "la.png")
+    assert both(tmp_path / "la.png")[0].tolist() == [[50, 50, 50], [255, 255, 255]]
+
+
+def test_cmyk_jpeg(tmp_path):
+    Image.new("CMYK", (16, 16), (255, 0, 0, 0)).save(tmp_path / "c.jpg", quality=95)
+    assert Image.open(tmp_path / "c.jpg").mode == "CMYK"
+    out = both(tmp_path / "c.jpg")
+    assert np.abs(out.astype(int) - [0, 255, 255]).max() <= 3  # pure cyan
+
+
+def test_grey_jpeg_and_bilevel_png(tmp_path):
+    Image.new("L", (16, 8), 77).save(tmp_path / "g.jpg", quality=95)
+    out = both(tmp_path / "g.jpg")
+    assert out.shape == (8, 16, 3) and np.abs(out.astype(int) - 77).max() <= 1
+    Image.fromarray(np.array([[0, 255]], np.uint8)).convert("1").save(tmp_path / "b.png")
+    assert both(tmp_path / "b.png")[0].tolist() == [[0, 0, 0], [255, 255, 255]]
+
+
+def test_16_bit_png_scaled_from_full_range(tmp_path):
+    Image.fromarray(np.array([[0, 32896, 65535, 2570]], np.uint16)).save(tmp_path / "d.png")
+    assert Image.open(tmp_path / "d.png").mode.startswith("I;16")
+    out = both(tmp_path / "d.png")
+    assert out[0, :, 0].tolist() == [0, 128, 255, 10]  # a dark 16-bit image stays dark
+
+
+def test_rgb_jpeg_fast_path_matches_pil(tmp_path):
+    Image.fromarray(photo(120, 160)).save(tmp_path / "r.jpg", quality=90)
+    out = both(tmp_path / "r.jpg")
+    assert np.abs(out.astype(int) - photo(120, 160)).mean() < 2
+
+
+# ---- EXIF orientation ---------------------------------------------------------------------------------------
+
+# what a viewer shows for each EXIF orientation, as a PIL transpose of the stored pixels
+DISPLAY = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation(tmp_path, orientation):
+    stored = np.zeros((32, 48, 3), np.uint8)
+    stored[:16, :24] = [250, 0, 0]  # red top-left quarter
+    stored[16:, 24:] = [0, 0, 250]  # blue bottom-right quarter
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(tmp_path / "o.jpg", quality=95, exif=exif)
+    out = both(tmp_path / "o.jpg")
+    expected = Image.fromarray(stored)
+    if orientation in DISPLAY:
+        expected = expected.transpose(DISPLAY[orientation])
+    expected = np.asarray(expected)
+    assert out.shape == expected.shape
+    assert np.abs(out.astype(int) - expected).mean() < 4
+
+
+# ---- reduced-size decoding ----------------------------------------------------------------------------------
+
+def test_draft_never_below_target(tmp_path):
+    Image.fromarray(photo(1000, 2000)).save(tmp_path / "big.jpg", quality=90)
+    Image.fromarray(photo(500, 1000)).save(tmp_path / "mid.jpg", quality=90)
+    assert load_image(tmp_path / "big.jpg", 448).size == (1000, 500)  # 1/2 scale: both sides >= 448
+    assert load_image(tmp_path / "big.jpg", 100).size == (250, 125)  # 1/8
+    assert load_image(tmp_path / "mid.jpg", 448).size == (1000, 500)  # 1/2 would give 250 < 448
+    assert tuple(decode_image(tmp_path / "big.jpg", 448).shape) == (3, 500, 1000)
+    # quality at the target size: reduced decode + resize vs full decode + resize
+    transform = build_transform(448, train=False)
+    reduced = transform(decode_image(tmp_path / "big.jpg", 448)).float()
+    full = transform(decode_image(tmp_path / "big.jpg")).float()
+    assert (reduced - full).abs().mean() < 1.5
+
+
+# ---- bad files ----------------------------------------------------------------------------------------------
+
+def tiny_png_header(width: int, height: int) -> bytes:
+    """A PNG that claims a huge size in 100 bytes: what a decompression bomb looks like at open time."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
+        chunk(b"IEND", b"")
+
+
+@pytest.fixture
+def bad_files(tmp_path) -> dict[str, Path]:
+    Image.fromarray(photo(96, 128)).save(tmp_path / "good.jpg", quality=90)
+    data = (tmp_path / "good.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    Image.fromarray(photo(96, 128)).save(tmp_path / "good.png")
+    png = (tmp_path / "good.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(png[: len(png) // 2])
+    (tmp_path / "garbage.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg" * 20)
+    (tmp_path / "bomb.png").write_bytes(tiny_png_header(40000, 40000))
+    return {name: tmp_path / f"{name}" for name in
+            ("good.jpg", "truncated.jpg", "truncated.png", "garbage.jpg", "bomb.png", "missing.jpg")}
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("truncated.jpg", "truncated"), ("truncated.png", "truncated"), ("garbage.jpg", "cannot decode"),
+    ("bomb.png", "decompression bomb"), ("missing.jpg", "not found"),
+])
+def test_bad_file_errors_name_the_file(bad_files, monkeypatch, name, reason):
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as some library may have left it
+    for decode in (load_image, decode_image):
+        with pytest.raises(ImageError) as err:
+            decode(bad_files[name])
+        message = str(err.value)
+        assert message.startswith(str(bad_files[name]))
+        assert reason in message.lower()
+        assert "\n" not in message and ".cpp" not in message
+
+
+def test_moderate_bomb_refused(tmp_path, monkeypatch):
+    Image.fromarray(photo(40, 40)).save(tmp_path / "x.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1600 pixels: over the limit, under twice it
+    with pytest.raises(ImageError, match="decompression bomb"):
+        decode_image(tmp_path / "x.png")
+
+
+def test_bad_files_skipped_counted_or_strict(bad_files):
+    names = list(bad_files)
+    labelset = LabelSet(["a", "b"], names, np.tile([[1, 0]], (len(names), 1)), root=str(bad_files["good.jpg"].parent))
+    dataset = ImageDataset(labelset, build_transform(32, train=False))
+    images, targets, indices, bad = collate([dataset[i] for i in range(len(dataset))])
+    assert images.shape == (1, 3, 32, 32) and images.dtype == torch.uint8
+    assert targets.tolist() == [[1, 0]] and targets.dtype == torch.int8
+    assert indices.tolist() == [names.index("good.jpg")]
+    assert len(bad) == len(names) - 1
+    assert all(any(m.startswith(str(bad_files[n])) for m in bad) for n in names if n != "good.jpg")
+    strict = ImageDataset(labelset, build_transform(32, train=False), strict=True)
+    with pytest.raises(ImageError, match="truncated.jpg"):
+        strict[names.index("truncated.jpg")]
+
+
+def test_collate_all_bad():
+    images, targets, indices, bad = collate([(None, torch.zeros(2, dtype=torch.int8), 0, "x: image not found")])
+    assert images.numel() == 0 and targets.numel() == 0 and indices.numel() == 0 and bad == ["x: image not found"]
+
+
+def test_loader_with_workers_counts_bad_files(bad_files):
+    names = list(bad_files) * 3
+    labelset = LabelSet(["a"], names, np.ones((len(names), 1), np.int8), root=str(bad_files["good.jpg"].parent))
+    loader = make_loader(ImageDataset(labelset, build_transform(32, train=True)), batch_size=4, workers=2)
+    seen, bad = [], 0
+    for images, targets, indices, messages in loader:
+        assert len(images) == len(targets) == len(indices)
+        assert len(images) == 0 or images.shape[1:] == (3, 32, 32)
+        seen += indices.tolist()
+        bad += len(messages)
+    assert bad == 5 * 3 and sorted(seen) == [i for i, n in enumerate(names) if n == "good.jpg"]
+
+
+# ---- transforms and normalisation ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("train, augment", [(False, "light"), (True, "none"), (True, "light"), (True, "randaugment")])
+def test_transforms_keep_uint8_and_size(train, augment):
+    transform = build_transform(40, train=train, augment=augment)
+    out = transform(Image.fromarray(photo(50, 70)))
+    assert out.shape == (3, 40, 40) and out.dtype == torch.uint8
+    assert transform.decode_size >= 40 and transform.tensor_input
+
+
+def test_eval_resize_matches_pil_bilinear():
+    img = Image.fromarray(photo(480, 640))
+    ours = build_transform(448, train=False)(img).permute(1, 2, 0).numpy().astype(int)
+    pil = np.asarray(img.resize((448, 448), Image.BILINEAR)).astype(int)
+    assert np.abs(ours - pil).max() <= 1
+
+
+def test_unknown_augment():
+    with pytest.raises(ValueError, match="randaugment"):
+        build_transform(32, train=True, augment="heavy")
+
+
+def test_cutout_paints_one_box():
+    torch.manual_seed(0)
+    image = torch.full((3, 20, 20), 7, dtype=torch.uint8)
+    out = Cutout(0.5)(image)
+    changed = (out != image).any(0)
+    assert image.eq(7).all()  # input untouched
+    rows, cols = changed.any(1).nonzero().flatten(), changed.any(0).nonzero().flatten()
+    assert 0 < len(rows) <= 10 and 0 < len(cols) <= 10
+    assert changed[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()  # one filled rectangle
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_normalize(layout):
+    images = torch.randint(0, 256, (2, 3, 5, 4), dtype=torch.uint8).contiguous(memory_format=layout)
+    out = normalize(images, MEAN, STD)
+    expected = (images.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    assert out.dtype == torch.float32 and out.is_contiguous()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
