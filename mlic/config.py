@@ -86,7 +86,7 @@ class TrainConfig:
     """Parameter-name prefixes of the backbone that stay frozen (e.g. conv1, layer1)."""
     estimator_lr_mult: float = 10.0
     """Learning-rate multiplier of ROLE's label estimator."""
-    channels_last: bool = False
+    channels_last: bool = True
     """Use channels-last memory format (faster convolutions on many CPUs and GPUs)."""
 
     def to_dict(self) -> dict:

@@ -71,7 +71,7 @@ def check_targets(targets: np.ndarray, name: str = "targets") -> np.ndarray:
         targets: (N, K) array with values in {1, 0, -1}.
         name: what to call the array in error messages.
     """
-    targets = np.asarray(targets)
+    targets = np.asanyarray(targets)
     if targets.ndim != 2:
         raise LabelSetError(f"{name} must be a 2-D (images x classes) matrix, got shape {targets.shape}")
     if targets.size and not np.isin(targets, (-1, 0, 1)).all():
@@ -183,7 +183,8 @@ class LabelSet:
         directory = Path(directory)
         header_path = directory / "labelset.json"
         if not header_path.is_file():
-            raise LabelSetError(f"{header_path}: not found; prepare the data first (mlic prepare ... --out {directory})")
+            raise LabelSetError(f"{header_path}: not found; prepare the data first "
+                                f"(mlic prepare ... --out {directory})")
         try:
             header = json.loads(header_path.read_text())
         except json.JSONDecodeError as e:

@@ -54,7 +54,8 @@ def read_model_meta(directory: str | Path) -> dict:
     directory = Path(directory)
     meta_path = directory / "model.json"
     if not meta_path.is_file():
-        hint = " (an official Query2Label folder? use: mlic convert q2l)" if (directory / "checkpoint.pkl").exists() else ""
+        official = (directory / "checkpoint.pkl").exists()
+        hint = " (an official Query2Label folder? use: mlic convert q2l)" if official else ""
         raise CheckpointError(f"{meta_path}: not found; --checkpoint must be a run or model directory from mlic{hint}")
     try:
         meta = json.loads(meta_path.read_text())
@@ -78,10 +79,14 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
         state = load_file(str(weights))
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{weights}: cannot read weights ({e}); the run may not have finished an epoch") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{weights}: weights do not fit the model in model.json "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shape = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or shape:
+        raise CheckpointError(f"{weights}: weights do not fit the model in model.json (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}, other shape {shape[:3]})")
+    model.load_state_dict(state)
     return model.to(device).eval(), meta
 
 
@@ -97,4 +102,5 @@ def load_state(path: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{path}: cannot read resume state ({type(e).__name__}); delete it to start over") from None
+        raise CheckpointError(f"{path}: cannot read resume state ({type(e).__name__}); "
+                              "delete it to start over") from None

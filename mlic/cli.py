@@ -1,0 +1,363 @@
+"""The ``mlic`` command: one typed function per subcommand.
+
+Errors a user can cause end in one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  help="Multi-label image classification: train, evaluate and predict; full, partial or "
+                       "single-positive labels.")
+
+
+def user_errors(fn):
+    """Turn the errors a user can cause into one line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from mlic.data.images import ImageError
+        from mlic.data.labelset import LabelSetError
+        from mlic.engine.checkpoint import CheckpointError
+        from mlic.engine.train import TrainingError
+        from mlic.models.backbones import WeightsError
+
+        try:
+            return fn(*args, **kwargs)
+        except (LabelSetError, ImageError, CheckpointError, WeightsError, TrainingError, ValueError,
+                FileNotFoundError, NotADirectoryError, PermissionError) as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted; resume with --resume --out <run dir>", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def parse_kv(items: list[str] | None, option: str) -> dict:
+    """KEY=VALUE strings -> dict, values parsed as YAML scalars (numbers, booleans, lists)."""
+    import yaml
+
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"{option} {item!r}: write KEY=VALUE, e.g. {option} gamma_neg=2")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def resolve_data(data: Path | None, observe: str | None, observe_seed: int, val_fraction: float,
+                 digits_size: str | None, echo=typer.echo):
+    """The (train, val, test) LabelSets a run uses.
+
+    ``data`` None builds MultiDigits. A prepared folder holds LabelSet folders train/ [val/] [test/]:
+    without test/, val/ serves as the test set (as COCO's val2014 does in the papers) and validation is
+    ``val_fraction`` of train held out with RandomState(1200) (Cole et al.'s protocol).
+    """
+    import numpy as np
+
+    from mlic.data.labelset import LabelSet, LabelSetError
+    from mlic.data.observe import observe as apply_observation
+
+    if data is None:
+        from mlic.data.digits import DigitsSpec, build_multidigits
+
+        spec = DigitsSpec()
+        if digits_size:
+            try:
+                n_train, n_val, n_test = (int(v) for v in digits_size.split(","))
+            except ValueError:
+                raise ValueError(f"--digits-size {digits_size!r}: write TRAIN,VAL,TEST, e.g. 4000,1000,2000") from None
+            spec = DigitsSpec(train=n_train, val=n_val, test=n_test)
+        echo(f"data: MultiDigits (train {spec.train}, val {spec.val}, test {spec.test}; built once into the cache)")
+        splits = build_multidigits(spec=spec)
+        train_set, val_set, test_set = splits["train"], splits["val"], splits["test"]
+    else:
+        if not data.is_dir():
+            raise LabelSetError(f"{data}: no such folder; make one with 'mlic prepare' "
+                                "(or omit --data for MultiDigits)")
+        if (data / "labelset.json").exists():
+            found = {"train": LabelSet.load(data)}
+        else:
+            found = {s: LabelSet.load(data / s) for s in ("train", "val", "test")
+                     if (data / s / "labelset.json").exists()}
+        if "train" not in found:
+            raise LabelSetError(f"{data}: no train/ LabelSet inside; prepare the data with 'mlic prepare'")
+        train_set = found["train"]
+        test_set = found.get("test")
+        val_set = found.get("val")
+        if test_set is None and val_set is not None:
+            test_set, val_set = val_set, None
+        if val_set is None:
+            perm = np.random.RandomState(1200).permutation(len(train_set))
+            n_val = int(round(val_fraction * len(train_set)))
+            val_set = train_set.subset(np.sort(perm[:n_val]), split="val")
+            train_set = train_set.subset(np.sort(perm[n_val:]), split="train")
+            echo(f"data: {data} (validation = {n_val} images held out of train, RandomState(1200))")
+        for other in (val_set, test_set):
+            if other is not None and other.classes != train_set.classes:
+                raise LabelSetError(f"{data}: the splits have different classes; prepare them together")
+    if observe:
+        observed = apply_observation(np.asarray(train_set.targets), observe, observe_seed)
+        train_set = train_set.with_observed(observed)
+        echo(f"labels: {observe} observation of train (seed {observe_seed}): "
+             f"{(observed == 1).sum(1).mean():.2f} positives and {(observed == 0).sum(1).mean():.2f} negatives "
+             "known per image")
+    elif train_set.observed is not None:
+        echo("labels: using the observed labels stored with the data")
+    return train_set, val_set, test_set
+
+
+def print_metrics(metrics: dict, classes: list[str], title: str) -> None:
+    """The metrics table and per-class AP, as a rich table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    keys = ["mAP", "mAP_voc", "CP", "CR", "CF1", "OP", "OR", "OF1", "CF1_top3", "OF1_top3"]
+    table = Table(title=title)
+    for k in keys:
+        if k in metrics:
+            table.add_column(k, justify="right")
+    table.add_row(*(f"{metrics[k]:.2f}" for k in keys if k in metrics))
+    console.print(table)
+    if "per_class_ap" in metrics:
+        per = Table(title="AP per class")
+        per.add_column("class")
+        per.add_column("AP", justify="right")
+        per.add_column("class")
+        per.add_column("AP", justify="right")
+        pairs = list(zip(classes, metrics["per_class_ap"]))
+        half = (len(pairs) + 1) // 2
+        for left, right in zip(pairs[:half], pairs[half:] + [("", None)]):
+            per.add_row(left[0], f"{left[1]:.2f}", right[0], "" if right[1] is None else f"{right[1]:.2f}")
+        console.print(per)
+
+
+@app.command()
+@user_errors
+def train(
+    data: Annotated[Path | None, typer.Option(help="Prepared data folder (train/ [val/] [test/] LabelSets, from "
+                                                "'mlic prepare'). Default: the embedded MultiDigits.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder for the model, logs and report. "
+                                                     "Default: runs/<date-time>.")] = None,
+    backbone: Annotated[str | None, typer.Option(help="Backbone: any timm model name, or in-house digitnet "
+                                                         "(default) / cvt_w24.")] = None,
+    head: Annotated[str | None, typer.Option(help="Head: linear (default) or query2label.")] = None,
+    head_arg: Annotated[list[str] | None, typer.Option(help="Head setting KEY=VALUE (repeatable), e.g. "
+                                                              "hidden_dim=256.")] = None,
+    img_size: Annotated[int | None, typer.Option(help="Square input size in pixels (default 64).")] = None,
+    pretrained: Annotated[Path | None, typer.Option(help="Local backbone weight file (.safetensors or torch); "
+                                                            "nothing is downloaded.")] = None,
+    recipe: Annotated[Path | None, typer.Option(help="YAML recipe (model: and train: sections); options given "
+                                                        "on the command line override it.")] = None,
+    mode: Annotated[str, typer.Option(help="finetune (end to end) or linear (probe on cached features).")]
+        = "finetune",
+    loss: Annotated[str | None, typer.Option(help="Loss: bce, bce_ls, focal, asl; partial labels: an, an_ls, "
+                                                     "wan, epr, role.")] = None,
+    loss_arg: Annotated[list[str] | None, typer.Option(help="Loss setting KEY=VALUE (repeatable), e.g. "
+                                                              "gamma_neg=2.")] = None,
+    observe: Annotated[str | None, typer.Option(help="Simulate incomplete train labels: single-positive or "
+                                                        "partial:P (keep each label with probability P).")] = None,
+    observe_seed: Annotated[int, typer.Option(help="Seed of the simulated observation (Cole et al.: 1200).")] = 1200,
+    epochs: Annotated[int | None, typer.Option(help="Epochs.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size (per process).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (OneCycle, AdamW).")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay.")] = None,
+    ema: Annotated[float | None, typer.Option(help="EMA decay of the weights; 0 disables.")] = None,
+    amp: Annotated[str | None, typer.Option(help="Mixed precision: auto, bf16, fp16, off.")] = None,
+    augment: Annotated[str | None, typer.Option(help="Augmentation: none, light, randaugment.")] = None,
+    hflip: Annotated[bool | None, typer.Option(help="Random horizontal flips (off by default for "
+                                                       "MultiDigits, where mirrored digits are other shapes).")] = None,
+    freeze: Annotated[list[str] | None, typer.Option(help="Freeze backbone parameters with this name prefix "
+                                                             "(repeatable), e.g. conv1.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Data-loading worker processes.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of initialisation and data order.")] = None,
+    val_fraction: Annotated[float, typer.Option(help="Share of train held out for validation when the data "
+                                                     "has no val/ split.")] = 0.2,
+    digits_size: Annotated[str | None, typer.Option(help="MultiDigits sizes TRAIN,VAL,TEST.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    strict_images: Annotated[bool, typer.Option(help="Stop at the first unreadable image instead of skipping "
+                                                     "and counting it.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Train a classifier, keep the best epoch by validation mAP, evaluate it on test, write a report."""
+    from mlic.config import ModelConfig, TrainConfig, load_recipe
+    from mlic.engine.report import write_report
+    from mlic.engine.train import train as run_training
+
+    if resume and out is None:
+        raise ValueError("--resume needs --out: the run folder to continue")
+    model_args, train_args = load_recipe(recipe) if recipe else ({}, {})
+    train_set, val_set, test_set = resolve_data(data, observe, observe_seed, val_fraction, digits_size)
+    is_digits = data is None
+    model_args.update({k: v for k, v in {"backbone": backbone, "head": head, "img_size": img_size}.items()
+                       if v is not None})
+    model_args.setdefault("head_args", {}).update(parse_kv(head_arg, "--head-arg"))
+    model_args["num_classes"] = train_set.num_classes
+    cli_train = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "ema": ema,
+                 "amp": amp, "augment": augment, "hflip": hflip, "freeze": freeze, "workers": workers,
+                 "seed": seed, "loss": loss}
+    train_args.update({k: v for k, v in cli_train.items() if v is not None})
+    train_args.setdefault("loss_args", {}).update(parse_kv(loss_arg, "--loss-arg"))
+    if is_digits:
+        train_args.setdefault("hflip", False)
+        train_args.setdefault("epochs", 15)
+        train_args.setdefault("lr", 4e-3)
+    model_cfg = ModelConfig.from_dict(model_args)
+    cfg = TrainConfig.from_dict(train_args)
+    out = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    typer.echo(f"model: {model_cfg.backbone} + {model_cfg.head} head, {model_cfg.num_classes} classes, "
+               f"{model_cfg.img_size}px; loss {cfg.loss}; {cfg.epochs} epochs; run folder {out}")
+    if mode == "linear":
+        from mlic.engine.probe import run_linear_probe
+
+        result = run_linear_probe(model_cfg, cfg, train_set, val_set, test_set, out, pretrained, quiet=quiet)
+    elif mode == "finetune":
+        t0 = time.perf_counter()
+        result = run_training(model_cfg, cfg, train_set, val_set, out, test_set=test_set, resume=resume,
+                              pretrained=str(pretrained) if pretrained else None, strict_images=strict_images,
+                              progress=not quiet)
+        typer.echo(f"trained in {time.perf_counter() - t0:.0f}s; best epoch {result.best_epoch} "
+                   f"(val mAP {result.best_val_map:.2f})")
+        if result.bad_images:
+            typer.echo(f"skipped {result.bad_images} unreadable images in all (see the log lines above)")
+    else:
+        raise ValueError(f"--mode {mode!r}: choose finetune or linear")
+    if result.test_metrics is not None:
+        import numpy as np
+
+        scores_path = Path(out) / "test_scores.npy"
+        scores = np.load(scores_path) if scores_path.exists() else None
+        print_metrics(result.test_metrics, train_set.classes, f"test ({len(test_set)} images)")
+        report = write_report(Path(out), f"mlic run {Path(out).name}", result.test_metrics, train_set.classes,
+                              result.history, scores, test_set.targets,
+                              notes=[f"model: {model_cfg.backbone} + {model_cfg.head}; loss {cfg.loss}; "
+                                     f"best epoch {result.best_epoch}"])
+        metrics_json = {k: v for k, v in result.test_metrics.items() if k != "per_class_ap"}
+        metrics_json["per_class_ap"] = dict(zip(train_set.classes, map(float, result.test_metrics["per_class_ap"])))
+        (Path(out) / "test_metrics.json").write_text(json.dumps(metrics_json, indent=1))
+        typer.echo(f"outputs: {out}/ (model.safetensors, model.json, metrics.jsonl, test_metrics.json, {report.name})")
+
+
+@app.command("eval")
+@user_errors
+def evaluate(
+    checkpoint: Annotated[Path, typer.Option(help="Run or model folder written by mlic.")],
+    data: Annotated[Path | None, typer.Option(help="Prepared data folder or LabelSet folder. Default: the "
+                                                      "MultiDigits test split.")] = None,
+    split: Annotated[str, typer.Option(help="Split folder inside --data to evaluate.")] = "test",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    workers: Annotated[int, typer.Option(help="Data-loading worker processes.")] = 2,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the metrics to this JSON file.")]
+        = None,
+    strict_images: Annotated[bool, typer.Option(help="Stop at the first unreadable image.")] = False,
+) -> None:
+    """Evaluate a saved model: mAP (sklearn-style and VOC-interpolated), CP/CR/CF1/OP/OR/OF1, per-class AP."""
+    from mlic.data.labelset import LabelSet, LabelSetError
+    from mlic.engine.checkpoint import load_model
+    from mlic.engine.evaluate import evaluate_scores, score_labelset
+
+    model, meta = load_model(checkpoint)
+    if data is None:
+        from mlic.data.digits import build_multidigits
+
+        labelset = build_multidigits()["test"]
+    elif (data / "labelset.json").exists():
+        labelset = LabelSet.load(data)
+    else:
+        if not (data / split / "labelset.json").exists():
+            fallback = "val" if split == "test" and (data / "val" / "labelset.json").exists() else None
+            if fallback is None:
+                raise LabelSetError(f"{data / split}: no LabelSet there; pass --split or a prepared folder")
+            split = fallback
+        labelset = LabelSet.load(data / split)
+    if labelset.classes != meta["classes"]:
+        raise LabelSetError(f"{checkpoint}: the model's {len(meta['classes'])} classes do not match the "
+                            f"{labelset.num_classes} classes of {data}; evaluate on data with the same classes")
+    cfg = model.config
+    scores, _, bad = score_labelset(model, labelset, cfg.img_size, cfg.mean, cfg.std, next(model.parameters()).device,
+                                    batch_size, workers, strict=strict_images)
+    if bad:
+        typer.echo(f"skipped {len(bad)} unreadable images, e.g. {bad[0]}")
+    metrics = evaluate_scores(scores, labelset.targets)
+    print_metrics(metrics, labelset.classes, f"{checkpoint} on {len(labelset) - len(bad)} images")
+    if json_out:
+        from mlic.data.labelset import atomic_write_bytes
+
+        payload = {k: v for k, v in metrics.items() if k != "per_class_ap"}
+        payload["per_class_ap"] = dict(zip(labelset.classes, map(float, metrics["per_class_ap"])))
+        atomic_write_bytes(json_out, json.dumps(payload, indent=1).encode())
+
+
+@app.command()
+@user_errors
+def predict(
+    inputs: Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).")],
+    checkpoint: Annotated[Path, typer.Option(help="Run or model folder written by mlic.")],
+    threshold: Annotated[float | None, typer.Option(help="One score threshold for every class. Default: the "
+                                                            "per-class thresholds tuned on validation.")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Print at most this many labels per image.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write all scores to this JSON file.")] = None,
+    csv_out: Annotated[Path | None, typer.Option("--csv", help="Write path,labels,score per class to this CSV.")]
+        = None,
+    explain: Annotated[Path | None, typer.Option(help="Write per-label attention maps (PNG) into this folder "
+                                                         "(Query2Label models).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+) -> None:
+    """Print each image's labels with scores."""
+    from mlic.data.labelset import atomic_write_bytes
+    from mlic.engine.predict import Predictor, list_images
+
+    predictor = Predictor(checkpoint)
+    paths = list_images(inputs)
+    if not paths:
+        raise ValueError(f"no images found in {', '.join(map(str, inputs))}")
+    results = predictor.predict(paths, batch_size, threshold, top_k)
+    for r in results:
+        if r.error:
+            typer.echo(f"{r.path}\terror: {r.error}")
+        else:
+            typer.echo(f"{r.path}\t" + ", ".join(f"{c} {s:.3f}" for c, s in r.labels) if r.labels
+                       else f"{r.path}\t(no label above threshold)")
+    if json_out:
+        payload = [{"path": r.path, "labels": [{"label": c, "score": s} for c, s in r.labels], "error": r.error,
+                    "scores": None if r.error else dict(zip(predictor.classes, map(float, r.scores)))}
+                   for r in results]
+        atomic_write_bytes(json_out, json.dumps(payload, indent=1).encode())
+    if csv_out:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["path", "labels", *predictor.classes])
+        for r in results:
+            writer.writerow([r.path, "|".join(c for c, _ in r.labels), *(f"{s:.6f}" for s in r.scores)])
+        atomic_write_bytes(csv_out, buffer.getvalue().encode())
+    if explain:
+        from mlic.models.explain import explain_images
+
+        written = explain_images(predictor, [Path(r.path) for r in results if not r.error], explain,
+                                 threshold=threshold, top_k=top_k)
+        typer.echo(f"attention maps: {', '.join(map(str, written))}")
+    if any(r.error for r in results):
+        sys.exit(2 if all(r.error for r in results) else 0)
+
+
+def main() -> None:
+    """Entry point of the ``mlic`` console script."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

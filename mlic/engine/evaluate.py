@@ -1,0 +1,69 @@
+"""Score a LabelSet with a model and compute the metrics table."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from mlic.data.images import ImageDataset, build_transform, make_loader, normalize
+from mlic.data.labelset import LabelSet
+from mlic.metrics import metrics_table
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for an ``amp`` setting ("auto", "bf16", "fp16", "off") on ``device``; None = fp32."""
+    if amp == "off":
+        return None
+    if device.type == "cuda":
+        if amp == "fp16":
+            return torch.float16
+        if amp in ("bf16", "auto"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    elif amp == "bf16":
+        return torch.bfloat16  # asked for explicitly; on CPUs without bf16 units this is slow
+    return None
+
+
+@torch.no_grad()
+def predict_loader(model: torch.nn.Module, loader: Iterable, mean, std, device: torch.device,
+                   amp_dtype: torch.dtype | None = None, progress=None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Sigmoid scores (N, K) float32 of every decodable row, their dataset indices (N,), and bad-file messages."""
+    model.eval()
+    scores, indices, bad = [], [], []
+    for images, _, idx, errors in loader:
+        bad += errors
+        if len(idx):
+            x = normalize(images.to(device, non_blocking=True), mean, std)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                logits = model(x)
+            scores.append(torch.sigmoid(logits.float()).cpu())
+            indices.append(idx)
+        if progress is not None:
+            progress()
+    if not scores:
+        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), bad
+    return torch.cat(scores).numpy(), torch.cat(indices).numpy(), bad
+
+
+def score_labelset(model: torch.nn.Module, labelset: LabelSet, img_size: int, mean, std, device: torch.device,
+                   batch_size: int = 128, workers: int = 0, amp_dtype: torch.dtype | None = None,
+                   strict: bool = False, loader: DataLoader | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Scores (N, K) for a LabelSet; rows of undecodable images are NaN (and listed in the messages)."""
+    if loader is None:
+        dataset = ImageDataset(labelset, build_transform(img_size, train=False), targets=labelset.targets,
+                               strict=strict, decode_size=img_size)
+        loader = make_loader(dataset, batch_size, workers=workers)
+    scores, idx, bad = predict_loader(model, loader, mean, std, device, amp_dtype)
+    full = np.full((len(labelset), labelset.num_classes), np.nan, dtype=np.float32)
+    if len(idx):
+        full[idx] = scores
+    return full, idx, bad
+
+
+def evaluate_scores(scores: np.ndarray, targets: np.ndarray, threshold=0.5) -> dict:
+    """The metrics table over rows that have scores (NaN rows are images that could not be read)."""
+    keep = ~np.isnan(scores).any(axis=1)
+    return metrics_table(scores[keep], np.asarray(targets)[keep], threshold=threshold)

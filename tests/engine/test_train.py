@@ -1,0 +1,91 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mlic.config import ModelConfig, TrainConfig
+from mlic.engine.checkpoint import load_model
+from mlic.engine.train import EMA, TrainingError, train
+
+
+def quick(**kw):
+    base = dict(epochs=2, batch_size=32, lr=3e-3, workers=0, hflip=False, seed=0)
+    return TrainConfig(**(base | kw))
+
+
+def test_trains_checkpoints_and_evaluates(tiny_digits, tmp_path):
+    splits, _, _ = tiny_digits
+    cfg = ModelConfig(num_classes=10, img_size=32)
+    result = train(cfg, quick(ema=0.9), splits["train"], splits["val"], tmp_path / "run", test_set=splits["test"],
+                   progress=False, log=lambda *a: None)
+    assert result.best_epoch >= 1 and len(result.history) == 2
+    assert 0 <= result.test_metrics["mAP"] <= 100
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    model, meta = load_model(tmp_path / "run")
+    assert meta["classes"] == splits["train"].classes and len(meta["thresholds"]) == 10
+    assert meta["train"]["ema"] == 0.9
+
+
+def test_resume_continues_after_a_crash(tiny_digits, tmp_path):
+    splits, _, _ = tiny_digits
+    cfg = ModelConfig(num_classes=10, img_size=32)
+    out = tmp_path / "run"
+
+    def crash_after_first_epoch(line):
+        if line.startswith("epoch   1/2"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, quick(), splits["train"], splits["val"], out, progress=False, log=crash_after_first_epoch)
+    first = json.loads((out / "metrics.jsonl").read_text())
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 0
+    lines = []
+    result = train(cfg, quick(), splits["train"], splits["val"], out, resume=True, progress=False, log=lines.append)
+    assert any("resumed" in line for line in lines)
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    assert result.history[0] == first
+    with pytest.raises(TrainingError, match="started with 2 epochs, not 3"):
+        train(cfg, quick(epochs=3), splits["train"], splits["val"], out, resume=True, progress=False)
+
+
+def test_observed_labels_and_partial_loss_train(tiny_digits, tmp_path):
+    from mlic.data.observe import single_positive
+
+    splits, _, _ = tiny_digits
+    tr = splits["train"].with_observed(single_positive(np.asarray(splits["train"].targets), 0))
+    result = train(ModelConfig(num_classes=10, img_size=32), quick(epochs=1, loss="bce"), tr, splits["val"],
+                   tmp_path / "run", progress=False, log=lambda *a: None)
+    assert np.isfinite(result.history[0]["train_loss"])
+
+
+def test_wrong_class_count_is_one_clear_error(tiny_digits, tmp_path):
+    splits, _, _ = tiny_digits
+    with pytest.raises(TrainingError, match="11 outputs but the data has 10 classes"):
+        train(ModelConfig(num_classes=11, img_size=32), quick(), splits["train"], splits["val"], tmp_path)
+
+
+class NaNLoss(torch.nn.Module):
+    def forward(self, logits, targets, indices=None):
+        return logits.sum() * float("nan")
+
+
+def test_non_finite_loss_stops_with_advice(tiny_digits, tmp_path, monkeypatch):
+    splits, _, _ = tiny_digits
+    monkeypatch.setattr("mlic.engine.train.build_loss", lambda name, **kw: NaNLoss())
+    with pytest.raises(TrainingError, match="not finite for 10 steps"):
+        train(ModelConfig(num_classes=10, img_size=32), quick(batch_size=8), splits["train"],
+              splits["val"], tmp_path, progress=False, log=lambda *a: None)
+
+
+def test_ema_tracks_weights():
+    model = torch.nn.Linear(2, 2)
+    ema = EMA(model, decay=0.5)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    before = ema.module.weight.clone()
+    for _ in range(50):
+        ema.update(model)
+    assert not torch.equal(before, ema.module.weight)
+    torch.testing.assert_close(ema.module.weight, model.weight)

@@ -1,0 +1,104 @@
+"""The mlic command end to end on a tiny MultiDigits, and the one-line errors a user can cause."""
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from mlic.cli import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "run"
+    import os
+
+    os.environ["MLIC_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    result = run("train", "--digits-size", "120,40,40", "--img-size", "32", "--epochs", "2", "--batch-size", "32",
+                 "--workers", "0", "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_train_prints_table_and_writes_run(trained):
+    out, output = trained
+    assert "mAP" in output and "AP per class" in output and f"outputs: {out}" in output
+    for name in ("model.safetensors", "model.json", "metrics.jsonl", "report.md", "test_metrics.json",
+                 "training.png", "per_class_ap.png", "pr_curves.png", "last.pt"):
+        assert (out / name).exists(), name
+    metrics = json.loads((out / "test_metrics.json").read_text())
+    assert set(metrics["per_class_ap"]) == {str(d) for d in range(10)}
+
+
+def test_predict_folder_json_csv(trained, tmp_path):
+    out, _ = trained
+    images = tmp_path / "imgs"
+    images.mkdir()
+    src = next(out.parent.parent.glob("cache*/multidigits-*/images/test"), None)
+    assert src is not None
+    for p in sorted(src.glob("*.png"))[:3]:
+        shutil.copy(p, images / p.name)
+    (images / "broken.png").write_bytes(b"\x89PNG not really")
+    result = run("predict", images, "--checkpoint", out, "--json", tmp_path / "p.json", "--csv", tmp_path / "p.csv",
+                 "--threshold", "0.0", "--top-k", "2")
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 4 and "broken.png\terror:" in result.output
+    payload = json.loads((tmp_path / "p.json").read_text())
+    good = [p for p in payload if not p["error"]]
+    assert len(good) == 3 and all(len(p["labels"]) == 2 for p in good)
+    assert (tmp_path / "p.csv").read_text().splitlines()[0].startswith("path,labels,0,1")
+
+
+def test_eval_checkpoint(trained):
+    out, _ = trained
+    data = next(out.parent.parent.glob("cache*/multidigits-*"))
+    result = run("eval", "--checkpoint", out, "--data", data, "--workers", "0")
+    assert result.exit_code == 0, result.output
+    assert "mAP" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["predict", "nowhere.png", "--checkpoint", "nowhere"], "nowhere/model.json: not found"),
+        (["train", "--data", "no_such_dir", "--quiet"], "no_such_dir: no such folder"),
+        (["train", "--resume"], "--resume needs --out"),
+        (["train", "--observe", "half", "--digits-size", "20,8,8"], "unknown observation scheme"),
+        (["train", "--loss-arg", "gamma", "--digits-size", "20,8,8"], "write KEY=VALUE"),
+    ],
+)
+def test_user_errors_are_one_line_exit_2(args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert len([line for line in result.output.splitlines() if line.startswith("error:")]) == 1
+
+
+def test_checkpoint_with_other_classes_is_refused(trained, tmp_path):
+    import numpy as np
+
+    from mlic.data.labelset import LabelSet
+
+    out, _ = trained
+    other = LabelSet(["cat", "dog"], ["a.png"], np.ones((1, 2), np.int8), root=str(tmp_path))
+    other.save(tmp_path / "other")
+    result = runner.invoke(app, ["eval", "--checkpoint", str(out), "--data", str(tmp_path / "other")])
+    assert result.exit_code == 2 and "do not match" in result.output
+
+
+def test_python_dash_m(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "mlic", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "train" in proc.stdout
