@@ -200,8 +200,11 @@ def train(
 
     if resume and out is None:
         raise ValueError("--resume needs --out: the run folder to continue")
+    import os
+
+    echo = typer.echo if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)  # one voice under torchrun
     model_args, train_args = load_recipe(recipe) if recipe else ({}, {})
-    train_set, val_set, test_set = resolve_data(data, observe, observe_seed, val_fraction, digits_size)
+    train_set, val_set, test_set = resolve_data(data, observe, observe_seed, val_fraction, digits_size, echo)
     is_digits = data is None
     model_args.update({k: v for k, v in {"backbone": backbone, "head": head, "img_size": img_size}.items()
                        if v is not None})
@@ -219,7 +222,7 @@ def train(
     model_cfg = ModelConfig.from_dict(model_args)
     cfg = TrainConfig.from_dict(train_args)
     out = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    typer.echo(f"model: {model_cfg.backbone} + {model_cfg.head} head, {model_cfg.num_classes} classes, "
+    echo(f"model: {model_cfg.backbone} + {model_cfg.head} head, {model_cfg.num_classes} classes, "
                f"{model_cfg.img_size}px; loss {cfg.loss}; {cfg.epochs} epochs; run folder {out}")
     if mode == "linear":
         from mlic.engine.probe import run_linear_probe
@@ -230,10 +233,10 @@ def train(
         result = run_training(model_cfg, cfg, train_set, val_set, out, test_set=test_set, resume=resume,
                               pretrained=str(pretrained) if pretrained else None, strict_images=strict_images,
                               progress=not quiet)
-        typer.echo(f"trained in {time.perf_counter() - t0:.0f}s; best epoch {result.best_epoch} "
+        echo(f"trained in {time.perf_counter() - t0:.0f}s; best epoch {result.best_epoch} "
                    f"(val mAP {result.best_val_map:.2f})")
         if result.bad_images:
-            typer.echo(f"skipped {result.bad_images} unreadable images in all (see the log lines above)")
+            echo(f"skipped {result.bad_images} unreadable images in all (see the log lines above)")
     else:
         raise ValueError(f"--mode {mode!r}: choose finetune or linear")
     if result.test_metrics is not None:
@@ -249,7 +252,7 @@ def train(
         metrics_json = {k: v for k, v in result.test_metrics.items() if k != "per_class_ap"}
         metrics_json["per_class_ap"] = dict(zip(train_set.classes, map(float, result.test_metrics["per_class_ap"])))
         (Path(out) / "test_metrics.json").write_text(json.dumps(metrics_json, indent=1))
-        typer.echo(f"outputs: {out}/ (model.safetensors, model.json, metrics.jsonl, test_metrics.json, {report.name})")
+        echo(f"outputs: {out}/ (model.safetensors, model.json, metrics.jsonl, test_metrics.json, {report.name})")
 
 
 @app.command("eval")

@@ -172,10 +172,13 @@ def train(
 
     optimizer = torch.optim.AdamW(param_groups(model, loss_fn, cfg), lr=cfg.lr)
     steps_per_epoch = max(1, len(train_loader))
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=cfg.epochs * steps_per_epoch,
-        pct_start=min(0.5, max(cfg.pct_start, 2 / (cfg.epochs * steps_per_epoch))),  # ≥ 1 warm-up step
-        anneal_strategy="cos")
+    total_steps = cfg.epochs * steps_per_epoch
+    if total_steps >= 4:
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total_steps,
+            pct_start=min(0.5, max(cfg.pct_start, 1.5 / total_steps)), anneal_strategy="cos")  # ≥ 1 warm-up step
+    else:  # too few steps for a schedule
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     amp_dtype = autocast_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
