@@ -1,0 +1,157 @@
+"""Turn a data set on disk into LabelSet folders, one per split: ``prepare("coco", root, out)``.
+
+Split folders written under ``out``:
+
+========  =====================================  ==========================================
+kind      splits (source)                        with ``val_fraction`` > 0
+========  =====================================  ==========================================
+coco      train (train2014), val (val2014)       train, val (from train), test (val2014)
+voc       train (trainval), test (test) — 2007;  train, val (from train), test
+          train (train), val (val) — 2012
+nuswide   train, test                            train, val (from train), test
+cub       train, test                            train, val (from train), test
+table     train (root), val / test (options)     train, val (from train), test
+========  =====================================  ==========================================
+
+Carving a validation split follows Cole et al.: ``RandomState(seed).permutation(N)``; the last
+``round(val_fraction * N)`` of it (sorted) are validation, the rest (sorted) train. Observed labels
+(``observe``) are drawn on the whole source training split before carving, as Cole et al. do, so
+the carved validation split carries observed labels too; evaluation splits keep clean labels only.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from mlic.data.coco import read_coco_splits
+from mlic.data.cub import read_cub
+from mlic.data.labelset import LabelSet, LabelSetError
+from mlic.data.nuswide import read_nuswide
+from mlic.data.table import read_table
+from mlic.data.voc import find_voc, read_voc
+
+
+def _coco(root: Path, order: str = "all", year: str = "2014") -> dict[str, LabelSet]:
+    return read_coco_splits(root, order=order, year=year)
+
+
+def _voc(root: Path, year: str | None = None, splits: tuple[str, str] | None = None, source: str = "xml",
+         difficult: str = "unknown") -> dict[str, LabelSet]:
+    folder = find_voc(root, year)
+    if splits is None:
+        splits = ("trainval", "test") if (folder / "ImageSets" / "Main" / "test.txt").is_file() else ("train", "val")
+    train, held_out = splits
+    return {
+        "train": read_voc(folder, train, source=source, difficult=difficult),
+        "test" if held_out == "test" else "val": read_voc(folder, held_out, source=source, difficult=difficult),
+    }
+
+
+def _nuswide(root: Path, images: str = "Flickr", drop_missing: bool = False,
+             drop_unlabeled: bool = False) -> dict[str, LabelSet]:
+    return {split: read_nuswide(root, split, images=images, drop_missing=drop_missing, drop_unlabeled=drop_unlabeled)
+            for split in ("train", "test")}
+
+
+def _cub(root: Path, min_certainty: int = 1) -> dict[str, LabelSet]:
+    return read_cub(root, min_certainty=min_certainty)
+
+
+def _table(root: Path, images: str | None = None, classes: list[str] | None = None, val: str | None = None,
+           test: str | None = None) -> dict[str, LabelSet]:
+    sets = {"train": read_table(root, images=images, classes=classes, split="train")}
+    for split, path in (("val", val), ("test", test)):
+        if path is not None:
+            # same classes, same column order, same image folder unless the table sits elsewhere
+            sets[split] = read_table(path, images=images, classes=sets["train"].classes, split=split)
+    return sets
+
+
+READERS: dict[str, Callable[..., dict[str, LabelSet]]] = {
+    "coco": _coco, "voc": _voc, "nuswide": _nuswide, "cub": _cub, "table": _table,
+}
+
+
+def kind_options(kind: str) -> dict[str, object]:
+    """The options ``prepare`` accepts for ``kind`` beyond the common ones, with their defaults."""
+    if kind not in READERS:
+        raise ValueError(f"unknown data set kind '{kind}'; choose one of {sorted(READERS)}")
+    params = list(inspect.signature(READERS[kind]).parameters.values())[1:]
+    return {p.name: p.default for p in params}
+
+
+def prepare(kind: str, root: str | os.PathLike, out: str | os.PathLike, observe: str | None = None,
+            seed: int = 1200, val_fraction: float = 0.0, **options) -> dict[str, Path]:
+    """Read a data set and write one LabelSet folder per split under ``out``.
+
+    Args:
+        kind: "coco", "voc", "nuswide", "cub" or "table".
+        root: the data set folder (for "table": the table file).
+        out: folder receiving ``out/<split>/`` (LabelSet.save layout; image root stored relative).
+        observe: None (full labels), "single-positive" or "partial:P"; drawn on the training split.
+        seed: seed for the observation draw and for carving the validation split.
+        val_fraction: fraction of the training split moved to a new "val" split (0 = none).
+        **options: per kind (defaults in brackets):
+            coco: order ["all"] ("cole" = images with annotations, string-sorted ids), year ["2014"];
+            voc: year [auto], splits [("trainval", "test") when test.txt exists, else ("train", "val")],
+                source ["xml"] or "lists", difficult ["unknown"], "positive", "negative";
+            nuswide: images ["Flickr"], drop_missing [False], drop_unlabeled [False];
+            cub: min_certainty [1] (1 keeps all, as Cole et al.);
+            table: images [the table's folder], classes [from the table], val [None], test [None]
+                (further table files with the same classes).
+
+    Returns:
+        {split: folder} for every split written.
+
+    Raises:
+        LabelSetError: an annotation file is malformed (one line naming file and field).
+        ValueError: an unknown kind, option or observation scheme.
+    """
+    known = kind_options(kind)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for {kind}; it takes {sorted(known)}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    from mlic.data.observe import observe as draw_observed  # imported here: only prepare needs it
+
+    draw_observed(np.zeros((0, 1), np.int8), observe, seed)  # an unknown scheme fails before any reading
+    sets = READERS[kind](Path(root), **options)
+    train = sets["train"]
+    if observe not in (None, "", "full"):
+        train = train.with_observed(draw_observed(train.targets, observe, seed))
+    sets["train"] = train
+    if val_fraction > 0:
+        sets = _carve_validation(sets, val_fraction, seed)
+
+    record = {"kind": kind, "root": str(root), "observe": observe, "seed": seed, "val_fraction": val_fraction,
+              "options": json.loads(json.dumps(options, default=str))}
+    out = Path(out)
+    written: dict[str, Path] = {}
+    for split, labelset in sets.items():
+        labelset.meta = {**labelset.meta, "source_split": labelset.split, "prepare": record}
+        labelset.split = split
+        written[split] = labelset.save(out / split)
+    return written
+
+
+def _carve_validation(sets: dict[str, LabelSet], fraction: float, seed: int) -> dict[str, LabelSet]:
+    if "val" in sets and "test" in sets:
+        raise ValueError("the data set already has val and test splits; val_fraction must be 0")
+    train = sets["train"]
+    n = len(train)
+    n_val = int(np.round(fraction * n))
+    if n_val == 0 or n_val == n:
+        raise LabelSetError(f"val_fraction {fraction} of {n} training images leaves an empty split")
+    order = np.random.RandomState(seed).permutation(n)
+    carved = {"train": train.subset(np.sort(order[: n - n_val])), "val": train.subset(np.sort(order[-n_val:]))}
+    for split, labelset in sets.items():
+        if split != "train":
+            carved["test"] = labelset
+    return carved
