@@ -59,8 +59,8 @@ def test_fixture_logits_float32_and_intermediates(fixture, imported):
     inter = fixture["intermediates"]
     head = imported.head
     with torch.no_grad():
-        logits = imported(x)
         feat = imported.backbone(x)
+        logits = imported.head(feat)  # = imported(x), without a second backbone pass
         proj = head.input_proj(feat)
         b, d, h, w = proj.shape
         pos = sine_position_encoding(h, w, d)
