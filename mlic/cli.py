@@ -258,7 +258,8 @@ def train(
 @app.command("eval")
 @user_errors
 def evaluate(
-    checkpoint: Annotated[Path, typer.Option(help="Run or model folder written by mlic.")],
+    checkpoint: Annotated[Path, typer.Option(help="Run or model folder written by mlic, or an official Query2Label "
+                                               "folder (checkpoint.pkl + config_new.json).")],
     data: Annotated[Path | None, typer.Option(help="Prepared data folder or LabelSet folder. Default: the "
                                                       "MultiDigits test split.")] = None,
     split: Annotated[str, typer.Option(help="Split folder inside --data to evaluate.")] = "test",
@@ -348,13 +349,39 @@ def predict(
             writer.writerow([r.path, "|".join(c for c, _ in r.labels), *(f"{s:.6f}" for s in r.scores)])
         atomic_write_bytes(csv_out, buffer.getvalue().encode())
     if explain:
-        from mlic.models.explain import explain_images
+        from mlic.models.explain import write_attention_png
 
-        written = explain_images(predictor, [Path(r.path) for r in results if not r.error], explain,
-                                 threshold=threshold, top_k=top_k)
-        typer.echo(f"attention maps: {', '.join(map(str, written))}")
+        explain.mkdir(parents=True, exist_ok=True)
+        thresholds = predictor.thresholds if threshold is None else threshold
+        for r in results:
+            if r.error:
+                continue
+            png = explain / f"{Path(r.path).stem}_attention.png"
+            write_attention_png(predictor.model, r.path, png, predictor.classes, thresholds=thresholds,
+                                max_labels=top_k or 12)
+            typer.echo(f"attention maps: {png}")
     if any(r.error for r in results):
         sys.exit(2 if all(r.error for r in results) else 0)
+
+
+convert_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Convert foreign checkpoints.")
+app.add_typer(convert_app, name="convert")
+
+
+@convert_app.command("q2l")
+@user_errors
+def convert_q2l(
+    folder: Annotated[Path, typer.Argument(help="Official release folder: checkpoint.pkl + config_new.json.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="mlic model folder to write.")],
+    classes: Annotated[Path | None, typer.Option(help="Text file with one class name per line (default: COCO's "
+                                                      "80 categories when num_class is 80).")] = None,
+) -> None:
+    """Convert an authors' Query2Label checkpoint into an mlic model folder (safetensors), strictly checked."""
+    from mlic.models.official import convert_query2label
+
+    names = [line.strip() for line in classes.read_text().splitlines() if line.strip()] if classes else None
+    out = convert_query2label(folder, output, names)
+    typer.echo(f"wrote {out}/model.safetensors and model.json; evaluate with: mlic eval --checkpoint {out} --data ...")
 
 
 def main() -> None:

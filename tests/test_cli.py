@@ -102,3 +102,24 @@ def test_python_dash_m(tmp_path):
 
     proc = subprocess.run([sys.executable, "-m", "mlic", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "train" in proc.stdout
+
+
+def test_query2label_train_and_explain(tmp_path):
+    out = tmp_path / "q2l"
+    result = run("train", "--digits-size", "64,24,24", "--img-size", "32", "--epochs", "1", "--batch-size", "32",
+                 "--workers", "0", "--head", "query2label", "--head-arg", "hidden_dim=32", "--head-arg",
+                 "dim_feedforward=64", "--head-arg", "nheads=2", "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    image = next((tmp_path / "cache").glob("multidigits-*/images/test/000000.png"))
+    result = run("predict", image, "--checkpoint", out, "--explain", tmp_path / "maps", "--threshold", "0.0",
+                 "--top-k", "3")
+    assert result.exit_code == 0, result.output
+    png = tmp_path / "maps" / "000000_attention.png"
+    assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_convert_errors_are_one_line(tmp_path):
+    (tmp_path / "release").mkdir()
+    (tmp_path / "release" / "checkpoint.pkl").write_bytes(b"junk")
+    result = runner.invoke(app, ["convert", "q2l", str(tmp_path / "release"), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "no config_new.json" in result.output and "Traceback" not in result.output

@@ -54,9 +54,8 @@ def read_model_meta(directory: str | Path) -> dict:
     directory = Path(directory)
     meta_path = directory / "model.json"
     if not meta_path.is_file():
-        official = (directory / "checkpoint.pkl").exists()
-        hint = " (an official Query2Label folder? use: mlic convert q2l)" if official else ""
-        raise CheckpointError(f"{meta_path}: not found; --checkpoint must be a run or model directory from mlic{hint}")
+        raise CheckpointError(f"{meta_path}: not found; --checkpoint must be a run or model folder from mlic, "
+                              "or an official Query2Label folder (checkpoint.pkl + config_new.json)")
     try:
         meta = json.loads(meta_path.read_text())
         ModelConfig.from_dict(meta["model"])
@@ -66,11 +65,27 @@ def read_model_meta(directory: str | Path) -> dict:
     return meta
 
 
+def load_official(directory: Path) -> tuple[torch.nn.Module, dict]:
+    """An official Query2Label release folder (checkpoint.pkl + config_new.json), imported strictly."""
+    from mlic.models.official import load_release
+
+    model, classes, _ = load_release(directory)
+    return model, {"classes": classes, "thresholds": [0.5] * len(classes), "model": model.config.to_dict(),
+                   "source": str(directory)}
+
+
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """Rebuild the model saved in ``directory``; returns (model in eval mode, metadata)."""
+    """Rebuild the model saved in ``directory``; returns (model in eval mode, metadata).
+
+    An official Query2Label release folder (checkpoint.pkl + config_new.json, no model.json) is
+    imported on the fly, with COCO's class names.
+    """
     from mlic.models.classifier import build_model
 
     directory = Path(directory)
+    if not (directory / "model.json").exists() and (directory / "checkpoint.pkl").exists():
+        model, meta = load_official(directory)
+        return model.to(device).eval(), meta
     meta = read_model_meta(directory)
     config = ModelConfig.from_dict(meta["model"])
     model = build_model(config)

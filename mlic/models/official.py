@@ -313,6 +313,27 @@ def load_query2label(
     return model.eval()
 
 
+def load_release(folder: str | Path, classes: list[str] | None = None) -> tuple[Classifier, list[str], Path]:
+    """Import an official release folder (checkpoint.pkl + config_new.json).
+
+    Returns:
+        (model in eval mode, class names — COCO's 80 unless given, the config file read).
+    """
+    folder = Path(folder)
+    config_path = next((folder / n for n in ("config_new.json", "config.json") if (folder / n).is_file()), None)
+    if config_path is None:
+        raise OfficialCheckpointError(f"{folder}: no config_new.json (or config.json) beside checkpoint.pkl")
+    model = load_query2label(folder / "checkpoint.pkl", config_path)
+    k = model.config.num_classes
+    if classes is None:
+        if k != len(COCO_CLASSES):
+            raise OfficialCheckpointError(f"{config_path}: num_class is {k}, not COCO's 80; pass the class names")
+        classes = list(COCO_CLASSES)
+    if len(classes) != k:
+        raise OfficialCheckpointError(f"{config_path}: num_class is {k} but {len(classes)} class names were given")
+    return model, classes, config_path
+
+
 def convert_query2label(folder: str | Path, out_dir: str | Path, classes: list[str] | None = None) -> Path:
     """Convert an official release folder (checkpoint.pkl + config_new.json) into an mlic model directory.
 
@@ -327,15 +348,7 @@ def convert_query2label(folder: str | Path, out_dir: str | Path, classes: list[s
     from mlic.engine.checkpoint import save_model
 
     folder = Path(folder)
-    config_path = next((folder / n for n in ("config_new.json", "config.json") if (folder / n).is_file()), None)
-    if config_path is None:
-        raise OfficialCheckpointError(f"{folder}: no config_new.json (or config.json) in this folder")
-    model = load_query2label(folder / "checkpoint.pkl", config_path)
-    k = model.config.num_classes
-    if classes is None:
-        if k != len(COCO_CLASSES):
-            raise OfficialCheckpointError(f"{config_path}: num_class is {k}, not COCO's 80; pass the class names")
-        classes = COCO_CLASSES
+    model, classes, config_path = load_release(folder, classes)
     official = read_official_config(config_path)
     extra = {"source": {"repo": "SlongLiu/query2labels", "folder": str(folder), "config": official}}
     return save_model(out_dir, model, model.config, list(classes), extra=extra)
