@@ -109,9 +109,9 @@ def decode_image(path: str | Path, min_size: int | None = None) -> torch.Tensor:
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB.
 
-    Palette, CMYK, YCbCr, LAB, grey and bilevel go through PIL's conversions; 16-bit and 32-bit grey
-    are scaled from the 16-bit range (65535 -> 255); alpha (RGBA, LA, PA, palette transparency) is
-    composited on white.
+    Palette, CMYK, YCbCr, LAB, grey and bilevel go through PIL's conversions; 16-bit and 32-bit integer
+    grey are scaled from the 16-bit range (65535 -> 255, whatever the image's own maximum), float grey is
+    taken as 0..255; alpha (RGBA, LA, PA, palette transparency) is composited on white.
     """
     if img.mode == "RGB":
         return img

@@ -33,6 +33,7 @@ from mlic.data.coco import read_coco_splits
 from mlic.data.cub import read_cub
 from mlic.data.labelset import LabelSet, LabelSetError
 from mlic.data.nuswide import read_nuswide
+from mlic.data.observe import observe as draw_observed
 from mlic.data.table import read_table
 from mlic.data.voc import find_voc, read_voc
 
@@ -119,14 +120,11 @@ def prepare(kind: str, root: str | os.PathLike, out: str | os.PathLike, observe:
         raise ValueError(f"unknown option(s) {unknown} for {kind}; it takes {sorted(known)}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    from mlic.data.observe import observe as draw_observed  # imported here: only prepare needs it
-
     draw_observed(np.zeros((0, 1), np.int8), observe, seed)  # an unknown scheme fails before any reading
     sets = READERS[kind](Path(root), **options)
-    train = sets["train"]
-    if observe not in (None, "", "full"):
-        train = train.with_observed(draw_observed(train.targets, observe, seed))
-    sets["train"] = train
+    observed = draw_observed(sets["train"].targets, observe, seed)
+    if observed is not None:
+        sets["train"] = sets["train"].with_observed(observed)
     if val_fraction > 0:
         sets = _carve_validation(sets, val_fraction, seed)
 
