@@ -54,7 +54,7 @@ def score_labelset(model: torch.nn.Module, labelset: LabelSet, img_size: int, me
     """Scores (N, K) for a LabelSet; rows of undecodable images are NaN (and listed in the messages)."""
     if loader is None:
         dataset = ImageDataset(labelset, build_transform(img_size, train=False), targets=labelset.targets,
-                               strict=strict, decode_size=img_size)
+                               strict=strict)
         loader = make_loader(dataset, batch_size, workers=workers)
     scores, idx, bad = predict_loader(model, loader, mean, std, device, amp_dtype)
     full = np.full((len(labelset), labelset.num_classes), np.nan, dtype=np.float32)

@@ -162,12 +162,12 @@ def train(
     net = DistributedDataParallel(model) if world > 1 else model
 
     train_data = ImageDataset(train_set, build_transform(model_cfg.img_size, True, cfg.augment, cfg.hflip),
-                              strict=strict_images, decode_size=model_cfg.img_size)
+                              strict=strict_images)
     sampler = DistributedSampler(train_data, shuffle=True, seed=cfg.seed) if world > 1 else None
     train_loader = make_loader(train_data, cfg.batch_size, shuffle=True, workers=cfg.workers, sampler=sampler,
                                drop_last=len(train_data) > cfg.batch_size, seed=cfg.seed)
     val_data = ImageDataset(val_set, build_transform(model_cfg.img_size, False), targets=val_set.targets,
-                            strict=strict_images, decode_size=model_cfg.img_size)
+                            strict=strict_images)
     val_loader = make_loader(val_data, cfg.batch_size * 2, workers=cfg.workers)
 
     optimizer = torch.optim.AdamW(param_groups(model, loss_fn, cfg), lr=cfg.lr)
