@@ -100,16 +100,10 @@ def resolve_data(data: Path | None, observe: str | None, observe_seed: int, val_
         val_set = found.get("val")
         if test_set is None and val_set is not None:
             test_set, val_set = val_set, None
-        if val_set is None:
-            perm = np.random.RandomState(1200).permutation(len(train_set))
-            n_val = int(round(val_fraction * len(train_set)))
-            val_set = train_set.subset(np.sort(perm[:n_val]), split="val")
-            train_set = train_set.subset(np.sort(perm[n_val:]), split="train")
-            echo(f"data: {data} (validation = {n_val} images held out of train, RandomState(1200))")
         for other in (val_set, test_set):
             if other is not None and other.classes != train_set.classes:
                 raise LabelSetError(f"{data}: the splits have different classes; prepare them together")
-    if observe:
+    if observe:  # drawn on the whole training split before any hold-out, as Cole et al. do
         observed = apply_observation(np.asarray(train_set.targets), observe, observe_seed)
         train_set = train_set.with_observed(observed)
         echo(f"labels: {observe} observation of train (seed {observe_seed}): "
@@ -117,6 +111,9 @@ def resolve_data(data: Path | None, observe: str | None, observe_seed: int, val_
              "known per image")
     elif train_set.observed is not None:
         echo("labels: using the observed labels stored with the data")
+    if val_set is None:
+        train_set, val_set = train_set.hold_out(val_fraction, 1200)
+        echo(f"data: validation = {len(val_set)} images held out of train (RandomState(1200), as Cole et al.)")
     return train_set, val_set, test_set
 
 
@@ -362,6 +359,37 @@ def predict(
             typer.echo(f"attention maps: {png}")
     if any(r.error for r in results):
         sys.exit(2 if all(r.error for r in results) else 0)
+
+
+@app.command()
+@user_errors
+def prepare(
+    kind: Annotated[str, typer.Argument(help="Data set kind: coco, voc, nuswide, cub, table.")],
+    root: Annotated[Path, typer.Option(help="The data set folder (for table: the CSV/TSV/JSON file).")],
+    out: Annotated[Path, typer.Option(help="Folder receiving one LabelSet folder per split.")],
+    observe: Annotated[str | None, typer.Option(help="Also store simulated observed train labels: single-positive "
+                                                     "or partial:P.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the observation draw and the validation hold-out.")] = 1200,
+    val_fraction: Annotated[float, typer.Option(help="Hold this share of train out as val/ (Cole et al.: 0.2); "
+                                                     "the official held-out split becomes test/.")] = 0.0,
+    option: Annotated[list[str] | None, typer.Option(help="Reader option KEY=VALUE (repeatable): coco order=cole|all; "
+                                                          "voc year=2007 difficult=unknown|positive|negative "
+                                                          "source=xml|lists; nuswide drop_missing=true; cub "
+                                                          "min_certainty=1; table images=DIR val=FILE test=FILE "
+                                                          "classes=[a,b].")] = None,
+) -> None:
+    """Read a data set on disk into mlic's LabelSet folders (train/ val/ test/), ready for 'mlic train --data'."""
+    from mlic.data.labelset import LabelSet
+    from mlic.data.prepare import prepare as run_prepare
+
+    written = run_prepare(kind, root, out, observe=observe, seed=seed, val_fraction=val_fraction,
+                          **parse_kv(option, "--option"))
+    for split, folder in written.items():
+        ls = LabelSet.load(folder)
+        known = (ls.targets != -1).mean() * 100
+        typer.echo(f"{split:5s} {len(ls):7d} images  {ls.num_classes} classes  "
+                   f"{(ls.targets == 1).sum(1).mean():.2f} positives/image  {known:.1f}% labels known"
+                   f"{'  + observed labels' if ls.observed is not None else ''}  -> {folder}")
 
 
 convert_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Convert foreign checkpoints.")

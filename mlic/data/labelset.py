@@ -149,6 +149,19 @@ class LabelSet:
             meta=dict(self.meta),
         )
 
+    def hold_out(self, fraction: float, seed: int = 1200) -> tuple[LabelSet, LabelSet]:
+        """Split off ``round(fraction * N)`` rows as validation, as Cole et al. do.
+
+        ``RandomState(seed).permutation(N)``: the last n indices (sorted) are validation, the others
+        (sorted) stay train. Observed labels travel with their rows. Returns (train, val).
+        """
+        n = len(self)
+        n_val = int(np.round(fraction * n))
+        if n_val == 0 or n_val == n:
+            raise LabelSetError(f"holding out {fraction} of {n} images leaves an empty split")
+        order = np.random.RandomState(seed).permutation(n)
+        return self.subset(np.sort(order[: n - n_val]), split="train"), self.subset(np.sort(order[-n_val:]), "val")
+
     def with_observed(self, observed: np.ndarray | None) -> LabelSet:
         """A copy whose observed labels are ``observed``."""
         return LabelSet(self.classes, self.image_paths, self.targets, self.root, self.split, observed, dict(self.meta))

@@ -31,7 +31,7 @@ import numpy as np
 
 from mlic.data.coco import read_coco_splits
 from mlic.data.cub import read_cub
-from mlic.data.labelset import LabelSet, LabelSetError
+from mlic.data.labelset import LabelSet
 from mlic.data.nuswide import read_nuswide
 from mlic.data.observe import observe as draw_observed
 from mlic.data.table import read_table
@@ -142,13 +142,8 @@ def prepare(kind: str, root: str | os.PathLike, out: str | os.PathLike, observe:
 def _carve_validation(sets: dict[str, LabelSet], fraction: float, seed: int) -> dict[str, LabelSet]:
     if "val" in sets and "test" in sets:
         raise ValueError("the data set already has val and test splits; val_fraction must be 0")
-    train = sets["train"]
-    n = len(train)
-    n_val = int(np.round(fraction * n))
-    if n_val == 0 or n_val == n:
-        raise LabelSetError(f"val_fraction {fraction} of {n} training images leaves an empty split")
-    order = np.random.RandomState(seed).permutation(n)
-    carved = {"train": train.subset(np.sort(order[: n - n_val])), "val": train.subset(np.sort(order[-n_val:]))}
+    train, val = sets["train"].hold_out(fraction, seed)
+    carved = {"train": train, "val": val}
     for split, labelset in sets.items():
         if split != "train":
             carved["test"] = labelset
