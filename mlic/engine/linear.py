@@ -1,0 +1,592 @@
+"""Fast linear probing on cached features (Cole et al.'s "linear_fixed_features" protocol).
+
+The whole training set lives in memory as one float32 tensor; an epoch is a random permutation
+of row numbers cut into batches, each batch one ``index_select``, one matmul, the loss, one Adam
+step. No DataLoader and no per-example Python. Validation mAP (``mlic.metrics``) is computed
+every epoch from one matmul over the validation features; the test set is scored once, at the
+epoch chosen by validation mAP (or every epoch with ``eval_test_every_epoch``).
+
+ROLE's label estimator (an N×K parameter) is optimised either as the official code does
+(``estimator_update="official"``: a dense Adam group whose gradient is zero outside the batch,
+so every row moves every step on its momentum) or lazily (``"fast"``, :class:`RowAdam`): only
+the batch's rows are touched, and the motion a row would have made on its momentum while it was
+not in a batch is added in closed form when it is next read. Both give the same trajectory up to
+Adam's eps in the skipped steps.
+
+Cole et al.'s protocol: Adam, no weight decay, no schedule, 25 epochs, grid batch {8, 16} ×
+lr {1e-2, 1e-3, 1e-4, 1e-5}, the epoch and the run picked by validation mAP (clean or observed
+validation labels), test mAP (clean labels) reported at that epoch; 20 % of the official train
+set held out for validation (:func:`cole_split`).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlic.losses import LOSSES, build_loss
+from mlic.metrics import mean_average_precision
+
+ESTIMATOR_UPDATES = ("official", "fast")
+
+
+@dataclass
+class LinearProbeConfig:
+    """Settings of one linear-probe run. The defaults are mlic's fast settings; see :meth:`official`."""
+
+    loss: str = "role"
+    """Loss name from the registry (full: bce, bce_ls, focal, asl; partial: an, an_ls, wan, epr, role)."""
+    loss_args: dict = field(default_factory=dict)
+    """Keyword arguments of the loss (num_images / num_classes are filled in when the loss takes them)."""
+    epochs: int = 25
+    """Passes over the training set."""
+    batch_size: int = 256
+    """Rows per optimisation step."""
+    lr: float = 2e-3
+    """Adam learning rate of the linear head (constant: no schedule)."""
+    estimator_lr_mult: float = 10.0
+    """Learning-rate multiplier of ROLE's label estimator (official 10)."""
+    estimator_update: str = "fast"
+    """ROLE estimator optimiser: "official" (dense Adam group) or "fast" (row-wise lazy Adam, same trajectory)."""
+    weight_decay: float = 0.0
+    """Adam (L2) weight decay on the head's weight matrix only (Cole: 0)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    fused: bool = True
+    """Use torch's fused Adam kernel for the head (same update, one pass; the official code ran the for-loop one)."""
+    drop_last: bool = True
+    """Drop the incomplete last batch of each epoch (as Cole's DataLoader does)."""
+    seed: int = 0
+    """Seed of the head's init, the estimator's init and the batch order."""
+    val_unknown: str = "negative"
+    """Unknown (-1) validation labels count as "negative" (Cole's observed-validation protocol) or are "ignore"d."""
+    eval_test_every_epoch: bool = False
+    """Score the test set every epoch (history gets test mAP); otherwise only at the best epoch."""
+    num_threads: int | None = None
+    """torch intra-op threads during the run (None: leave as is)."""
+    progress: bool = False
+    """Show a progress bar over epochs."""
+
+    @classmethod
+    def official(cls, **overrides) -> LinearProbeConfig:
+        """Cole et al.'s settings: batch 16, lr 1e-3, dense estimator Adam (override any field)."""
+        base = dict(batch_size=16, lr=1e-3, estimator_update="official", fused=False)
+        base.update(overrides)
+        return cls(**base)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LinearProbeConfig:
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown linear probe config fields: {sorted(unknown)}")
+        d = dict(d)
+        if "betas" in d:
+            d["betas"] = tuple(float(b) for b in d["betas"])
+        return cls(**d)
+
+
+@dataclass
+class LinearProbeResult:
+    """Outcome of :func:`train_linear_probe`, with the weights of the best epoch.
+
+    Attributes:
+        weight: (K, C) float32 head weight at the best epoch.
+        bias: (K,) float32 head bias at the best epoch.
+        best_epoch: 0-based epoch with the highest validation mAP.
+        val_map: validation mAP (percent) at the best epoch.
+        test_map: test mAP (percent, clean labels) at the best epoch; None without a test set.
+        history: one dict per epoch: epoch, loss (mean batch objective), val_map, seconds, [test_map].
+        estimator_logits: (N, K) ROLE estimator logits at the best epoch; None for other losses.
+        config: the settings of the run.
+        seconds: wall-clock time of the whole run.
+    """
+
+    weight: np.ndarray
+    bias: np.ndarray
+    best_epoch: int
+    val_map: float
+    test_map: float | None
+    history: list[dict]
+    estimator_logits: np.ndarray | None
+    config: LinearProbeConfig
+    seconds: float
+
+    def scores(self, features: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Logits (M, K) of features (M, C) under the best-epoch head."""
+        x = torch.as_tensor(np.asarray(features, dtype=np.float32))
+        return F.linear(x, torch.from_numpy(self.weight), torch.from_numpy(self.bias)).numpy()
+
+
+def cole_split(num_images: int, val_fraction: float = 0.2, seed: int = 1200) -> tuple[np.ndarray, np.ndarray]:
+    """Cole et al.'s train/validation split of the official train set.
+
+    ``n_val = round(val_fraction · N)``; ``perm = np.random.RandomState(seed).permutation(N)``;
+    train = sorted ``perm[:N - n_val]``, validation = sorted ``perm[-n_val:]`` (COCO: 82,081 →
+    65,665 / 16,416). Their later subsampling step (fraction 1.0) changes nothing and is omitted.
+
+    Returns:
+        (train rows, validation rows), sorted int64 arrays.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = int(np.round(val_fraction * num_images))
+    perm = np.random.RandomState(seed).permutation(num_images)
+    train = np.sort(perm[: num_images - n_val])
+    val = np.sort(perm[num_images - n_val:])
+    return train.astype(np.int64), val.astype(np.int64)
+
+
+class RowAdam:
+    """Adam on an (N, K) parameter whose gradient lives in a few rows per step, touching only those rows.
+
+    Dense ``torch.optim.Adam`` on such a parameter (the official ROLE estimator) moves every row at
+    every step: rows outside the batch have zero gradient but keep sliding on their momentum while
+    m ← β1·m and v ← β2·v. A row's value is only read when it is in a batch, so here that motion is
+    added in closed form when the row is next read (:meth:`catch_up`, or :meth:`flush` for all
+    rows), which gives the dense trajectory at the cost of the batch's rows: exactly without Adam's
+    eps, and to first order in eps/√v with it (see :meth:`_coast`). Use::
+
+        values = row_adam.catch_up(rows)   # (R, K), rows distinct
+        ... loss from values, gradient (R, K) ...
+        row_adam.step(rows, grad)
+
+    Args:
+        param: the (N, K) parameter, updated in place.
+        lr: learning rate.
+        betas: Adam betas.
+        eps: Adam epsilon.
+        tolerance: coasting motion beyond this fraction of the first step's is dropped (sets the
+            number of steps summed, ≈200 for the default betas).
+    """
+
+    def __init__(self, param: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, tolerance: float = 1e-10) -> None:
+        if param.ndim != 2:
+            raise ValueError(f"RowAdam needs a 2-D parameter, got shape {tuple(param.shape)}")
+        self.param, self.lr, self.betas, self.eps = param, lr, betas, eps
+        self.exp_avg = torch.zeros_like(param, memory_format=torch.contiguous_format).detach()
+        self.exp_avg_sq = torch.zeros_like(self.exp_avg)
+        self.last = torch.zeros(param.shape[0], dtype=torch.long, device=param.device)
+        self.steps = 0
+        beta1, beta2 = betas
+        ratio = beta1 / math.sqrt(beta2)
+        horizon = max(1, int(math.ceil(math.log(tolerance) / math.log(ratio)))) if 0 < ratio < 1 else 1
+        j = torch.arange(1, horizon + 1, dtype=torch.float64)
+        self._j = j.long().to(param.device)
+        self._ratio_pow = (ratio**j).to(param.dtype).to(param.device)
+        self._ratio_pow_eps = (ratio**j * beta2 ** (-j / 2)).to(param.dtype).to(param.device)
+        self._w = self._wu = torch.empty(0)
+        self._pending: tuple | None = None
+
+    def _tables(self, upto: int) -> None:
+        """Bias-correction tables √bc2/bc1 and bc2/bc1 over absolute steps 0..upto (grown by doubling)."""
+        if upto < self._w.numel():
+            return
+        s = torch.arange(max(upto + 1, 2 * self._w.numel(), 1024), dtype=torch.float64).clamp_min(1)
+        beta1, beta2 = self.betas
+        bc1, bc2 = 1 - beta1**s, 1 - beta2**s
+        self._w = (bc2.sqrt() / bc1).to(self.param.dtype).to(self.param.device)
+        self._wu = (bc2 / bc1).to(self.param.dtype).to(self.param.device)
+
+    def _coast(self, last: torch.Tensor, skipped: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Apply ``skipped`` (R,) zero-gradient steps after step ``last`` (R,) to moments m, v (R, K) in place.
+
+        Coasting step j (absolute step last + j) moves an entry by ``-lr · m/√v · w_j / (1 + (eps/√v)·u_j)``
+        with ``w_j = (β1/√β2)^j · √bc2/bc1`` and ``u_j = √bc2 / β2^(j/2)``. The sum over j is taken as
+        ``S / (1 + (eps/√v)·U/S)`` with S = Σ w_j and U = Σ w_j u_j: exact without eps, right to first
+        order in eps/√v, and bounded where eps dominates.
+
+        Returns the parameter change (R, K).
+        """
+        self._tables(self.steps + self._j.numel() + 1)
+        steps = last[:, None] + self._j
+        live = self._j <= skipped[:, None]
+        total = (self._w[steps] * self._ratio_pow * live).sum(dim=1, keepdim=True)
+        eps_total = (self._wu[steps] * self._ratio_pow_eps * live).sum(dim=1, keepdim=True)
+        eps_weight = eps_total * (self.eps / total.clamp_min(1e-30))
+        delta = m * (total * -self.lr) / (v.sqrt() + eps_weight).clamp_min(1e-30)
+        skipped_f = skipped.to(m.dtype)[:, None]
+        beta1, beta2 = self.betas
+        m.mul_(torch.pow(torch.full_like(skipped_f, beta1), skipped_f))
+        v.mul_(torch.pow(torch.full_like(skipped_f, beta2), skipped_f))
+        # Moments decayed below 1e-30 move nothing any more; zeroing them keeps them out of the
+        # (very slow) subnormal range.
+        m.masked_fill_(m.abs() < 1e-30, 0.0)
+        v.masked_fill_(v < 1e-30, 0.0)
+        return delta
+
+    @torch.no_grad()
+    def catch_up(self, rows: torch.Tensor) -> torch.Tensor:
+        """Bring distinct rows (R,) up to the current step; returns their values (R, K), a copy."""
+        last = self.last[rows]
+        m, v = self.exp_avg[rows], self.exp_avg_sq[rows]
+        values = self.param.data[rows]
+        values += self._coast(last, self.steps - last, m, v)
+        self._pending = (rows, values, m, v)
+        return values
+
+    @torch.no_grad()
+    def step(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
+        """One Adam step with gradient ``grad`` (R, K) on the rows last passed to :meth:`catch_up`, zero elsewhere."""
+        if self._pending is None or self._pending[0] is not rows:
+            raise RuntimeError("RowAdam.step: call catch_up(rows) with the same rows first")
+        _, values, m, v = self._pending
+        self._pending = None
+        beta1, beta2 = self.betas
+        self.steps += 1
+        t = self.steps
+        m.mul_(beta1).add_(grad, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(self.eps)
+        values = values.detach().addcdiv_(m, denom, value=-self.lr / (1 - beta1**t))
+        self._write(rows, values, m, v, t)
+
+    def _write(self, rows: torch.Tensor, values: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t: int) -> None:
+        self.param.data[rows] = values
+        self.exp_avg[rows], self.exp_avg_sq[rows] = m, v
+        self.last[rows] = t
+
+    @torch.no_grad()
+    def flush(self, chunk: int = 8192) -> None:
+        """Bring every row up to the current step (call before reading the whole parameter)."""
+        stale = torch.nonzero(self.last < self.steps).flatten()
+        for start in range(0, stale.numel(), chunk):
+            rows = stale[start:start + chunk]
+            values = self.catch_up(rows)
+            _, _, m, v = self._pending
+            self._pending = None
+            self._write(rows, values, m, v, self.steps)
+
+    def state_dict(self) -> dict:
+        return {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "last": self.last, "steps": self.steps}
+
+
+def build_probe_loss(name: str, loss_args: dict, num_images: int, num_classes: int) -> nn.Module:
+    """Build a registered loss, filling in ``num_images`` / ``num_classes`` where its constructor takes them."""
+    key = name.lower().replace("-", "_")
+    kwargs = dict(loss_args)
+    if key in LOSSES:
+        params = inspect.signature(LOSSES[key]).parameters
+        if "num_images" in params:
+            kwargs.setdefault("num_images", num_images)
+        if "num_classes" in params:
+            kwargs.setdefault("num_classes", num_classes)
+    return build_loss(name, **kwargs)
+
+
+class LinearProbe:
+    """A linear head (K×C), its loss and its optimiser(s); :meth:`step` is one optimisation step.
+
+    Args:
+        num_features: C.
+        num_classes: K.
+        num_images: N, training-set size (rows of ROLE's estimator).
+        config: run settings.
+        observed: (N, K) observed training labels in {1, 0, -1}, to initialise ROLE's estimator.
+        dtype: parameter dtype (float32; float64 for conformance checks).
+    """
+
+    def __init__(self, num_features: int, num_classes: int, num_images: int, config: LinearProbeConfig,
+                 observed: np.ndarray | torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> None:
+        if config.estimator_update not in ESTIMATOR_UPDATES:
+            raise ValueError(f"estimator_update must be one of {ESTIMATOR_UPDATES}, got {config.estimator_update!r}")
+        self.config = config
+        generator = torch.Generator().manual_seed(config.seed)
+        bound = 1.0 / math.sqrt(num_features)  # nn.Linear's default init, drawn from our own generator
+        self.head = nn.Linear(num_features, num_classes, dtype=dtype)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.rand(num_classes, num_features, generator=generator) * 2 * bound - bound)
+            self.head.bias.copy_(torch.rand(num_classes, generator=generator) * 2 * bound - bound)
+        self.loss = build_probe_loss(config.loss, config.loss_args, num_images, num_classes).to(dtype)
+        self.estimator = getattr(self.loss, "estimator", None)
+        if self.estimator is not None and observed is not None:
+            self.loss.init_estimator(observed, config.seed)
+        groups = [{"params": [self.head.weight], "weight_decay": config.weight_decay},
+                  {"params": [self.head.bias], "weight_decay": 0.0}]
+        self.row_adam: RowAdam | None = None
+        if self.estimator is not None:
+            estimator_lr = config.lr * config.estimator_lr_mult
+            if config.estimator_update == "official":
+                groups.append({"params": [self.estimator.logits], "lr": estimator_lr, "weight_decay": 0.0})
+            else:
+                self.estimator.logits.requires_grad_(False)
+                self.row_adam = RowAdam(self.estimator.logits, estimator_lr, config.betas, config.adam_eps)
+        fused = config.fused and (self.row_adam is not None or self.estimator is None)
+        self.optimizer = torch.optim.Adam(groups, lr=config.lr, betas=config.betas, eps=config.adam_eps,
+                                          fused=fused or None)
+
+    def step(self, x: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """One step on features x (B, C), targets (B, K) in {1, 0, -1}, dataset rows indices (B,).
+
+        Returns the batch objective (detached scalar).
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        logits = F.linear(x, self.head.weight, self.head.bias)
+        if self.row_adam is not None:
+            rows = self.row_adam.catch_up(indices).requires_grad_(True)
+            loss = self.loss.forward_rows(logits, rows, targets)
+            loss.backward()
+            self.optimizer.step()
+            self.row_adam.step(indices, rows.grad)
+        else:
+            loss = self.loss(logits, targets, indices)
+            loss.backward()
+            self.optimizer.step()
+        return loss.detach()
+
+    @torch.no_grad()
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (M, K) of features x (M, C)."""
+        return F.linear(x, self.head.weight, self.head.bias)
+
+    @torch.no_grad()
+    def estimator_logits(self) -> torch.Tensor | None:
+        """ROLE's (N, K) estimator logits, brought up to date; None for other losses."""
+        if self.estimator is None:
+            return None
+        if self.row_adam is not None:
+            self.row_adam.flush()
+        return self.estimator.logits.detach()
+
+
+def _in_memory_float32(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A float32 tensor in RAM: memory maps, read-only arrays and other dtypes are copied, the rest shared."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().to(torch.float32).contiguous()
+    array = np.asarray(x)
+    if isinstance(x, np.memmap) or isinstance(array.base, np.memmap) or not array.flags.writeable or \
+            array.dtype != np.float32 or not array.flags.c_contiguous:
+        array = np.array(array, dtype=np.float32, order="C")
+    return torch.from_numpy(array)
+
+
+def _map(scores: torch.Tensor, targets: np.ndarray, unknown: str) -> float:
+    if unknown == "negative":
+        targets = (targets == 1).astype(np.int8)
+    elif unknown != "ignore":
+        raise ValueError(f"val_unknown must be 'negative' or 'ignore', got {unknown!r}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # empty classes count as AP 0, reported once up front
+        return mean_average_precision(scores.numpy(), targets)
+
+
+def _check_xy(name: str, x, y, num_features: int | None = None, num_classes: int | None = None) -> None:
+    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"{name}: features must be (N, C) and labels (N, K) with the same N; got {tuple(x.shape)} "
+                         f"and {tuple(y.shape)}")
+    if num_features is not None and x.shape[1] != num_features:
+        raise ValueError(f"{name}: features have {x.shape[1]} channels, the training features {num_features}")
+    if num_classes is not None and y.shape[1] != num_classes:
+        raise ValueError(f"{name}: labels have {y.shape[1]} classes, the training labels {num_classes}")
+
+
+def train_linear_probe(
+    train_x: np.ndarray | torch.Tensor, train_y: np.ndarray, val_x: np.ndarray | torch.Tensor, val_y: np.ndarray,
+    config: LinearProbeConfig | None = None, test_x: np.ndarray | torch.Tensor | None = None,
+    test_y: np.ndarray | None = None,
+) -> LinearProbeResult:
+    """Train a linear head on cached features; pick the epoch by validation mAP.
+
+    Args:
+        train_x: (N, C) features (float16/32, NumPy memmap or tensor); held in memory as float32.
+        train_y: (N, K) training labels in {1, 0, -1} (observed labels for partial-label losses).
+        val_x: (M, C) validation features.
+        val_y: (M, K) validation labels: clean, or observed (unknowns count as negatives by default).
+        config: settings (default :class:`LinearProbeConfig`).
+        test_x: optional (T, C) test features.
+        test_y: (T, K) clean test labels.
+
+    Returns:
+        The best epoch's head, its validation and test mAP, the per-epoch history and ROLE's estimator.
+    """
+    config = config or LinearProbeConfig()
+    start = time.perf_counter()
+    _check_xy("train", train_x, train_y)
+    num_images, num_features = train_x.shape
+    num_classes = train_y.shape[1]
+    _check_xy("val", val_x, val_y, num_features, num_classes)
+    if test_x is not None:
+        if test_y is None:
+            raise ValueError("test_x given without test_y")
+        _check_xy("test", test_x, test_y, num_features, num_classes)
+    if config.batch_size < 1 or config.epochs < 1:
+        raise ValueError(f"batch_size and epochs must be ≥ 1, got {config.batch_size} and {config.epochs}")
+    threads = torch.get_num_threads()
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    try:
+        return _train(train_x, train_y, val_x, val_y, config, test_x, test_y, num_images, num_features, num_classes,
+                      start)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(train_x, train_y, val_x, val_y, config, test_x, test_y, num_images, num_features, num_classes, start
+           ) -> LinearProbeResult:
+    train_y = np.array(train_y, dtype=np.int8, order="C")  # a small copy: labels may be read-only memory maps
+    val_y = np.array(val_y, dtype=np.int8)
+    x_train = _in_memory_float32(train_x)
+    y_train = torch.from_numpy(train_y)
+    x_val = _in_memory_float32(val_x)
+    x_test = _in_memory_float32(test_x) if test_x is not None else None
+    test_y = np.asarray(test_y, dtype=np.int8) if test_y is not None else None
+    empty = int(((val_y == 1).sum(axis=0) == 0).sum())
+    if empty:
+        warnings.warn(f"{empty} of {num_classes} classes have no positive validation label; they count as AP 0",
+                      UserWarning, stacklevel=3)
+
+    probe = LinearProbe(num_features, num_classes, num_images, config, observed=train_y)
+    order_gen = torch.Generator().manual_seed(config.seed + 1)
+    batch = min(config.batch_size, num_images)
+    stop = num_images - num_images % batch if config.drop_last else num_images
+
+    history: list[dict] = []
+    best: dict = {"val_map": -math.inf}
+    progress = _progress(config.progress, config.epochs)
+    for epoch in range(config.epochs):
+        t0 = time.perf_counter()
+        perm = torch.randperm(num_images, generator=order_gen)
+        total = torch.zeros((), dtype=torch.float64)
+        steps = 0
+        for i in range(0, stop, batch):
+            idx = perm[i:i + batch]
+            total += probe.step(x_train.index_select(0, idx), y_train.index_select(0, idx), idx)
+            steps += 1
+        val_map = _map(probe.scores(x_val), val_y, config.val_unknown)
+        record = {"epoch": epoch, "loss": float(total) / max(steps, 1), "val_map": val_map}
+        if x_test is not None and config.eval_test_every_epoch:
+            record["test_map"] = _map(probe.scores(x_test), test_y, "ignore")
+        record["seconds"] = time.perf_counter() - t0
+        history.append(record)
+        if val_map > best["val_map"]:
+            estimator = probe.estimator_logits()
+            best = {"val_map": val_map, "epoch": epoch, "weight": probe.head.weight.detach().clone(),
+                    "bias": probe.head.bias.detach().clone(),
+                    "estimator": None if estimator is None else estimator.clone()}
+        if progress is not None:
+            progress[0].update(progress[1], advance=1, description=f"epoch {epoch + 1}: val mAP {val_map:.2f}")
+    if progress is not None:
+        progress[0].stop()
+
+    test_map = None
+    if x_test is not None:
+        if config.eval_test_every_epoch:
+            test_map = history[best["epoch"]]["test_map"]
+        else:
+            test_map = _map(F.linear(x_test, best["weight"], best["bias"]), test_y, "ignore")
+    return LinearProbeResult(
+        weight=best["weight"].numpy(), bias=best["bias"].numpy(), best_epoch=best["epoch"], val_map=best["val_map"],
+        test_map=test_map, history=history,
+        estimator_logits=None if best["estimator"] is None else best["estimator"].numpy(),
+        config=copy.deepcopy(config), seconds=time.perf_counter() - start,
+    )
+
+
+def _progress(enabled: bool, epochs: int):
+    if not enabled:
+        return None
+    from rich.progress import Progress
+
+    bar = Progress(transient=False)
+    bar.start()
+    return bar, bar.add_task("linear probe", total=epochs)
+
+
+@dataclass
+class GridResult:
+    """Outcome of :func:`grid_search`: the run with the best validation mAP, and a row per run."""
+
+    best: LinearProbeResult
+    runs: list[dict]
+
+
+def grid_search(
+    train_x, train_y, val_x, val_y, config: LinearProbeConfig | None = None,
+    batch_sizes: tuple[int, ...] = (8, 16), lrs: tuple[float, ...] = (1e-2, 1e-3, 1e-4, 1e-5), test_x=None,
+    test_y=None,
+) -> GridResult:
+    """Cole et al.'s grid over batch size × learning rate; the run is picked by its best validation mAP.
+
+    Args:
+        train_x, train_y, val_x, val_y, test_x, test_y: as in :func:`train_linear_probe`.
+        config: settings shared by every run (batch_size and lr are overridden).
+        batch_sizes: batch sizes tried (Cole: 8, 16).
+        lrs: learning rates tried (Cole: 1e-2, 1e-3, 1e-4, 1e-5).
+
+    Returns:
+        The best run and, per run, batch_size, lr, best_epoch, val_map, test_map, seconds.
+    """
+    config = config or LinearProbeConfig()
+    best: LinearProbeResult | None = None
+    runs = []
+    for batch_size in batch_sizes:
+        for lr in lrs:
+            result = train_linear_probe(train_x, train_y, val_x, val_y, replace(config, batch_size=batch_size, lr=lr),
+                                        test_x, test_y)
+            runs.append({"batch_size": batch_size, "lr": lr, "best_epoch": result.best_epoch,
+                         "val_map": result.val_map, "test_map": result.test_map, "seconds": result.seconds})
+            if best is None or result.val_map > best.val_map:
+                best = result
+    return GridResult(best=best, runs=runs)
+
+
+@dataclass
+class SeedSummary:
+    """Mean ± sample standard deviation (ddof=1; 0 for one seed) of runs differing only in their seed."""
+
+    seeds: list[int]
+    val_maps: list[float]
+    test_maps: list[float | None]
+    val_mean: float
+    val_std: float
+    test_mean: float | None
+    test_std: float | None
+
+    def __str__(self) -> str:
+        text = f"val mAP {self.val_mean:.2f} ± {self.val_std:.2f}"
+        if self.test_mean is not None:
+            text += f", test mAP {self.test_mean:.2f} ± {self.test_std:.2f}"
+        return text + f" over {len(self.seeds)} seeds"
+
+
+def summarize_seeds(results: list[LinearProbeResult]) -> SeedSummary:
+    """Mean ± std of validation and test mAP over runs (e.g. one per seed)."""
+    if not results:
+        raise ValueError("no results to summarise")
+
+    def stats(values: list[float]) -> tuple[float, float]:
+        arr = np.asarray(values, dtype=np.float64)
+        return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+
+    val_mean, val_std = stats([r.val_map for r in results])
+    tests = [r.test_map for r in results]
+    test_mean = test_std = None
+    if all(t is not None for t in tests):
+        test_mean, test_std = stats(tests)
+    return SeedSummary([r.config.seed for r in results], [r.val_map for r in results], tests, val_mean, val_std,
+                       test_mean, test_std)
+
+
+def run_seeds(train_x, train_y, val_x, val_y, config: LinearProbeConfig | None = None,
+              seeds: tuple[int, ...] = (0, 1, 2), test_x=None, test_y=None) -> SeedSummary:
+    """Train once per seed with otherwise equal settings and summarise (mean ± std)."""
+    config = config or LinearProbeConfig()
+    results = [train_linear_probe(train_x, train_y, val_x, val_y, replace(config, seed=s), test_x, test_y)
+               for s in seeds]
+    return summarize_seeds(results)

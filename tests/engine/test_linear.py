@@ -1,0 +1,184 @@
+"""Fast linear probe: Cole's split, the lazy row-wise Adam, learning, grid and seed summaries."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from mlic.engine.linear import (
+    LinearProbe,
+    LinearProbeConfig,
+    RowAdam,
+    cole_split,
+    grid_search,
+    run_seeds,
+    summarize_seeds,
+    train_linear_probe,
+)
+from mlic.metrics import mean_average_precision
+
+
+def synthetic(n: int = 1600, dim: int = 32, classes: int = 8, latent: int = 6, seed: int = 0):
+    """Features from a random lift of a latent, labels from a random linear teacher (≥ 1 positive per row)."""
+    rng = np.random.default_rng(seed)
+    lift = rng.standard_normal((latent, dim))
+    teacher = rng.standard_normal((latent, classes))
+    z = rng.standard_normal((n, latent))
+    score = z @ teacher + 0.3 * rng.standard_normal((n, classes))
+    y = (score > 1.0).astype(np.int8)
+    y[np.arange(n), score.argmax(1)] = 1
+    x = np.maximum(z @ lift + 0.5 * rng.standard_normal((n, dim)), 0).astype(np.float32)
+    return x, y
+
+
+def single_positive(y: np.ndarray, seed: int = 0) -> np.ndarray:
+    rng = np.random.RandomState(seed)
+    obs = np.full(y.shape, -1, dtype=np.int8)
+    for i, row in enumerate(y):
+        obs[i, rng.choice(np.flatnonzero(row == 1))] = 1
+    return obs
+
+
+@pytest.fixture(scope="module")
+def problem():
+    x, y = synthetic()
+    obs = single_positive(y)
+    return {"train": (x[:1000], obs[:1000]), "val": (x[1000:1300], y[1000:1300]), "test": (x[1300:], y[1300:])}
+
+
+def test_cole_split_matches_their_recipe():
+    train, val = cole_split(82_081)
+    assert len(train) == 65_665 and len(val) == 16_416
+    perm = np.random.RandomState(1200).permutation(82_081)
+    np.testing.assert_array_equal(val, np.sort(perm[-16_416:]))
+    np.testing.assert_array_equal(train, np.sort(perm[:65_665]))
+    assert np.intersect1d(train, val).size == 0
+    train0, val0 = cole_split(10, val_fraction=0.0)
+    assert len(train0) == 10 and len(val0) == 0  # their perm[-0:] would take everything
+
+
+def _dense_vs_row_adam(eps: float, epochs: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    n, k, batch = 60, 5, 6
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randn(n, k, generator=gen, dtype=torch.float64)
+    dense = torch.nn.Parameter(torch.zeros(n, k, dtype=torch.float64))
+    lazy = torch.nn.Parameter(torch.zeros(n, k, dtype=torch.float64))
+    opt = torch.optim.Adam([dense], lr=0.05, eps=eps)
+    row_adam = RowAdam(lazy, lr=0.05, eps=eps)
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n, batch):
+            rows = perm[i:i + batch]
+            opt.zero_grad()
+            ((dense[rows] - target[rows]) ** 2).sum().backward()
+            opt.step()
+            values = row_adam.catch_up(rows).requires_grad_(True)
+            ((values - target[rows]) ** 2).sum().backward()
+            row_adam.step(rows, values.grad)
+    row_adam.flush()
+    return dense.detach(), lazy.detach()
+
+
+def test_row_adam_follows_dense_adam():
+    dense, lazy = _dense_vs_row_adam(eps=1e-30)  # without eps the closed-form coasting is exact
+    torch.testing.assert_close(lazy, dense, atol=1e-10, rtol=0)
+    dense, lazy = _dense_vs_row_adam(eps=1e-8)
+    assert (lazy - dense).abs().max() < 1e-4
+    moved = (dense != 0).float().mean()
+    assert moved == 1.0
+
+
+def test_row_adam_requires_catch_up():
+    param = torch.zeros(4, 2)
+    row_adam = RowAdam(param, lr=0.1)
+    with pytest.raises(RuntimeError, match="catch_up"):
+        row_adam.step(torch.tensor([0, 1]), torch.ones(2, 2))
+
+
+def test_fast_and_official_estimator_updates_agree(problem):
+    (x, y) = problem["train"]
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    states = {}
+    for mode in ("official", "fast"):
+        cfg = LinearProbeConfig.official(loss="role", loss_args={"expected_positives": 1.5}, estimator_update=mode)
+        probe = LinearProbe(32, 8, len(x), cfg, observed=y, dtype=torch.float64)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(2):
+            perm = torch.randperm(len(x), generator=gen)
+            for i in range(0, 480, 16):
+                idx = perm[i:i + 16]
+                probe.step(xt[idx].double(), yt[idx], idx)
+        states[mode] = (probe.head.weight.detach().clone(), probe.estimator_logits().clone())
+    torch.testing.assert_close(states["fast"][0], states["official"][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(states["fast"][1], states["official"][1], atol=1e-3, rtol=0)
+
+
+def test_linear_probe_learns(problem):
+    (x, y), (xv, yv), (xt, yt) = problem["train"], problem["val"], problem["test"]
+    chance = 100 * yt.mean()
+    cfg = LinearProbeConfig(loss="role", loss_args={"expected_positives": 1.5}, epochs=8, batch_size=32, lr=1e-2)
+    result = train_linear_probe(x, y, xv, yv, cfg, xt, yt)
+    assert result.test_map > chance + 40, (result.test_map, chance)
+    assert result.best_epoch == int(np.argmax([h["val_map"] for h in result.history]))
+    assert result.val_map == pytest.approx(result.history[result.best_epoch]["val_map"])
+    assert result.test_map == pytest.approx(mean_average_precision(result.scores(xt), yt), abs=1e-6)
+    assert result.estimator_logits.shape == (len(x), 8)
+    assert result.weight.shape == (8, 32) and result.bias.shape == (8,)
+
+
+def test_official_and_fast_modes_reach_the_same_map(problem):
+    (x, y), (xv, yv), (xt, yt) = problem["train"], problem["val"], problem["test"]
+    maps = {}
+    for mode in ("official", "fast"):
+        cfg = LinearProbeConfig.official(loss="role", loss_args={"expected_positives": 1.5}, epochs=3,
+                                         estimator_update=mode)
+        maps[mode] = train_linear_probe(x, y, xv, yv, cfg, xt, yt).test_map
+    assert abs(maps["fast"] - maps["official"]) < 0.5, maps
+
+
+@pytest.mark.parametrize("loss", ["bce", "focal", "asl", "an", "an_ls", "wan", "epr"])
+def test_every_loss_trains(problem, loss):
+    (x, y), (xv, yv) = problem["train"], problem["val"]
+    cfg = LinearProbeConfig(loss=loss, epochs=2, batch_size=100, lr=1e-2, eval_test_every_epoch=True)
+    result = train_linear_probe(x, y, xv, yv, cfg, xv, yv)
+    assert all(math.isfinite(h["loss"]) for h in result.history)
+    assert result.estimator_logits is None
+    assert result.history[-1]["test_map"] == pytest.approx(result.history[-1]["val_map"])
+
+
+def test_bad_inputs_are_one_line_errors(problem):
+    (x, y), (xv, yv) = problem["train"], problem["val"]
+    with pytest.raises(ValueError, match="channels"):
+        train_linear_probe(x, y, xv[:, :10], yv)
+    with pytest.raises(ValueError, match="estimator_update"):
+        train_linear_probe(x, y, xv, yv, LinearProbeConfig(estimator_update="sparse"))
+
+
+def test_grid_search_and_seed_summary(problem):
+    (x, y), (xv, yv) = problem["train"], problem["val"]
+    cfg = LinearProbeConfig(loss="an", epochs=2)
+    grid = grid_search(x, y, xv, yv, cfg, batch_sizes=(50, 200), lrs=(1e-2, 1e-5))
+    assert len(grid.runs) == 4
+    assert grid.best.val_map == max(r["val_map"] for r in grid.runs)
+    best_lr = max(grid.runs, key=lambda r: r["val_map"])["lr"]
+    assert grid.best.config.lr == best_lr and best_lr == 1e-2  # 1e-5 barely moves in two epochs
+
+    summary = run_seeds(x, y, xv, yv, replace(cfg, batch_size=100), seeds=(0, 1), test_x=xv, test_y=yv)
+    assert summary.seeds == [0, 1]
+    assert summary.val_mean == pytest.approx(np.mean(summary.val_maps))
+    assert summary.val_std == pytest.approx(np.std(summary.val_maps, ddof=1))
+    assert "±" in str(summary)
+    with pytest.raises(ValueError):
+        summarize_seeds([])
+
+
+def test_config_round_trip():
+    cfg = LinearProbeConfig.official(loss="role", loss_args={"expected_positives": 2.9})
+    assert cfg.batch_size == 16 and cfg.lr == 1e-3 and cfg.estimator_update == "official"
+    assert LinearProbeConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown"):
+        LinearProbeConfig.from_dict({"bogus": 1})
