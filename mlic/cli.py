@@ -212,7 +212,7 @@ def train(
                  "seed": seed, "loss": loss}
     train_args.update({k: v for k, v in cli_train.items() if v is not None})
     train_args.setdefault("loss_args", {}).update(parse_kv(loss_arg, "--loss-arg"))
-    if is_digits:
+    if is_digits and mode == "finetune":  # tuned for the 5-minute demo on 2 cores
         train_args.setdefault("hflip", False)
         train_args.setdefault("epochs", 15)
         train_args.setdefault("lr", 4e-3)
@@ -220,11 +220,17 @@ def train(
     cfg = TrainConfig.from_dict(train_args)
     out = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     echo(f"model: {model_cfg.backbone} + {model_cfg.head} head, {model_cfg.num_classes} classes, "
-               f"{model_cfg.img_size}px; loss {cfg.loss}; {cfg.epochs} epochs; run folder {out}")
+         f"{model_cfg.img_size}px; loss {cfg.loss}; mode {mode}; run folder {out}")
     if mode == "linear":
+        from mlic.engine.linear import LinearProbeConfig
         from mlic.engine.probe import run_linear_probe
 
-        result = run_linear_probe(model_cfg, cfg, train_set, val_set, test_set, out, pretrained, quiet=quiet)
+        chosen = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}.items()
+                  if v is not None}  # otherwise the probe's own defaults (25 epochs, batch 256, lr 2e-3)
+        probe = LinearProbeConfig(loss=cfg.loss, loss_args=cfg.loss_args, estimator_lr_mult=cfg.estimator_lr_mult,
+                                  **chosen)
+        result = run_linear_probe(model_cfg, probe, train_set, val_set, test_set, out, pretrained, cfg.workers,
+                                  quiet=quiet, log=echo)
     elif mode == "finetune":
         t0 = time.perf_counter()
         result = run_training(model_cfg, cfg, train_set, val_set, out, test_set=test_set, resume=resume,

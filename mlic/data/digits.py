@@ -41,6 +41,9 @@ class DigitsSpec:
     test: int = 2000
     img_size: int = 64
     seed: int = 0
+    draw_seed: int = 0
+    """Seed of the image compositions; another value draws new images from the same split of scans
+    (e.g. a pretraining set whose test scans stay unseen)."""
     version: int = 1
 
     def key(self) -> str:
@@ -105,7 +108,7 @@ def render(digits: list[int], scans: np.ndarray, pools: dict[int, np.ndarray], s
 
 def build_split(split: str, n: int, spec: DigitsSpec, scans: np.ndarray, scan_labels: np.ndarray,
                 scan_idx: np.ndarray, root: Path, seed_offset: int) -> LabelSet:
-    rng = np.random.RandomState(spec.seed * 1000 + seed_offset)
+    rng = np.random.RandomState(spec.seed * 1000 + seed_offset + 7919 * spec.draw_seed)
     pools = {d: scan_idx[scan_labels[scan_idx] == d] for d in range(10)}
     targets = np.zeros((n, 10), dtype=np.int8)
     paths = []

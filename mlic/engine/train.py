@@ -156,8 +156,8 @@ def train(
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     loss_fn = build_loss(cfg.loss, **loss_defaults(cfg.loss, cfg.loss_args, train_set)).to(device)
-    if hasattr(loss_fn, "init_from_observed"):
-        loss_fn.init_from_observed(torch.as_tensor(np.asarray(train_set.train_targets)), seed=cfg.seed)
+    if hasattr(loss_fn, "init_estimator"):  # ROLE: the label estimator starts from the observed labels
+        loss_fn.init_estimator(np.asarray(train_set.train_targets), seed=cfg.seed)
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
     net = DistributedDataParallel(model) if world > 1 else model
 

@@ -89,3 +89,20 @@ def test_ema_tracks_weights():
         ema.update(model)
     assert not torch.equal(before, ema.module.weight)
     torch.testing.assert_close(ema.module.weight, model.weight)
+
+
+def test_role_fine_tunes_with_its_estimator(tiny_digits, tmp_path):
+    from mlic.data.observe import single_positive
+
+    splits, _, _ = tiny_digits
+    observed = single_positive(np.asarray(splits["train"].targets), 0)
+    tr = splits["train"].with_observed(observed)
+    result = train(ModelConfig(num_classes=10, img_size=32), quick(epochs=1, loss="role"), tr, splits["val"],
+                   tmp_path / "run", progress=False, log=lambda *a: None)
+    assert np.isfinite(result.history[0]["train_loss"])
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    table = state["loss"]["estimator.logits"]
+    assert table.shape == (len(tr), 10)
+    # observed positives start at logit(0.995) and the estimator moved during training
+    assert (table[torch.from_numpy(observed == 1)] > 3).float().mean() > 0.9
+    assert len(state["optimizer"]["param_groups"]) == 3
