@@ -11,6 +11,14 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def check_fields(cls: type, d: dict, what: str) -> dict:
+    """A copy of ``d`` after checking that every key is a field of the dataclass ``cls``."""
+    unknown = set(d) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {what} config fields: {sorted(unknown)}")
+    return dict(d)
+
+
 @dataclass
 class ModelConfig:
     """Everything needed to rebuild a classifier."""
@@ -39,11 +47,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown model config fields: {sorted(unknown)}")
-        d = dict(d)
+        d = check_fields(cls, d, "model")
         for key in ("mean", "std"):
             if key in d:
                 d[key] = tuple(float(v) for v in d[key])
@@ -94,11 +98,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown train config fields: {sorted(unknown)}")
-        return cls(**d)
+        return cls(**check_fields(cls, d, "train"))
 
 
 def load_recipe(path: str | Path) -> tuple[dict, dict]:

@@ -15,6 +15,7 @@ On disk a LabelSet is a directory::
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -48,20 +49,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
-    """``np.save`` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, np.ascontiguousarray(array))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``np.save`` through :func:`atomic_write_bytes`."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array))
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def check_targets(targets: np.ndarray, name: str = "targets") -> np.ndarray:
