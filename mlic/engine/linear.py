@@ -37,11 +37,20 @@ from mlic.losses import LOSSES, build_loss
 from mlic.metrics import mean_average_precision
 
 ESTIMATOR_UPDATES = ("official", "fast")
+Features = np.ndarray | torch.Tensor  # (N, C) features: NumPy (memory maps welcome) or torch
 
 
 @dataclass
 class LinearProbeConfig:
-    """Settings of one linear-probe run. The defaults are mlic's fast settings; see :meth:`official`."""
+    """Settings of one linear-probe run. The defaults are mlic's fast settings; see :meth:`official`.
+
+    Batch 1024 at lr 7e-3 (64 steps per COCO epoch) does in a few seconds what Cole's batch 16 at
+    lr 1e-3 does in minutes, and on COCO-sized synthetic features reached a higher ROLE test mAP in
+    25 epochs (bench/linear_probe.py). Do not raise the lr much further on non-negative (ReLU)
+    features: Adam's first steps move every weight by about lr, shifting all logits by about
+    -lr·Σ_c x_c; once p < eps (1e-5) the official ``-log(p + eps)`` terms stop giving gradient and
+    training stalls at chance (seen at lr 2e-2).
+    """
 
     loss: str = "role"
     """Loss name from the registry (full: bce, bce_ls, focal, asl; partial: an, an_ls, wan, epr, role)."""
@@ -49,9 +58,9 @@ class LinearProbeConfig:
     """Keyword arguments of the loss (num_images / num_classes are filled in when the loss takes them)."""
     epochs: int = 25
     """Passes over the training set."""
-    batch_size: int = 256
+    batch_size: int = 1024
     """Rows per optimisation step."""
-    lr: float = 2e-3
+    lr: float = 7e-3
     """Adam learning rate of the linear head (constant: no schedule)."""
     estimator_lr_mult: float = 10.0
     """Learning-rate multiplier of ROLE's label estimator (official 10)."""
@@ -468,8 +477,12 @@ def _train(train_x, train_y, val_x, val_y, config, test_x, test_y, num_images, n
             idx = perm[i:i + batch]
             total += probe.step(x_train.index_select(0, idx), y_train.index_select(0, idx), idx)
             steps += 1
+        mean_loss = float(total) / max(steps, 1)
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(f"linear probe: the loss became {mean_loss} in epoch {epoch + 1}; lower the "
+                                     f"learning rate (lr={config.lr:g})")
         val_map = _map(probe.scores(x_val), val_y, config.val_unknown)
-        record = {"epoch": epoch, "loss": float(total) / max(steps, 1), "val_map": val_map}
+        record = {"epoch": epoch, "loss": mean_loss, "val_map": val_map}
         if x_test is not None and config.eval_test_every_epoch:
             record["test_map"] = _map(probe.scores(x_test), test_y, "ignore")
         record["seconds"] = time.perf_counter() - t0
@@ -517,9 +530,10 @@ class GridResult:
 
 
 def grid_search(
-    train_x, train_y, val_x, val_y, config: LinearProbeConfig | None = None,
-    batch_sizes: tuple[int, ...] = (8, 16), lrs: tuple[float, ...] = (1e-2, 1e-3, 1e-4, 1e-5), test_x=None,
-    test_y=None,
+    train_x: Features, train_y: np.ndarray, val_x: Features, val_y: np.ndarray,
+    config: LinearProbeConfig | None = None, batch_sizes: tuple[int, ...] = (8, 16),
+    lrs: tuple[float, ...] = (1e-2, 1e-3, 1e-4, 1e-5), test_x: Features | None = None,
+    test_y: np.ndarray | None = None,
 ) -> GridResult:
     """Cole et al.'s grid over batch size × learning rate; the run is picked by its best validation mAP.
 
@@ -583,8 +597,9 @@ def summarize_seeds(results: list[LinearProbeResult]) -> SeedSummary:
                        test_mean, test_std)
 
 
-def run_seeds(train_x, train_y, val_x, val_y, config: LinearProbeConfig | None = None,
-              seeds: tuple[int, ...] = (0, 1, 2), test_x=None, test_y=None) -> SeedSummary:
+def run_seeds(train_x: Features, train_y: np.ndarray, val_x: Features, val_y: np.ndarray,
+              config: LinearProbeConfig | None = None, seeds: tuple[int, ...] = (0, 1, 2),
+              test_x: Features | None = None, test_y: np.ndarray | None = None) -> SeedSummary:
     """Train once per seed with otherwise equal settings and summarise (mean ± std)."""
     config = config or LinearProbeConfig()
     results = [train_linear_probe(train_x, train_y, val_x, val_y, replace(config, seed=s), test_x, test_y)

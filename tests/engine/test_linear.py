@@ -43,6 +43,15 @@ def single_positive(y: np.ndarray, seed: int = 0) -> np.ndarray:
     return obs
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These problems are tiny: a second intra-op thread only adds synchronisation (and stalls on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def problem():
     x, y = synthetic()
@@ -59,6 +68,17 @@ def test_cole_split_matches_their_recipe():
     assert np.intersect1d(train, val).size == 0
     train0, val0 = cole_split(10, val_fraction=0.0)
     assert len(train0) == 10 and len(val0) == 0  # their perm[-0:] would take everything
+
+
+def test_cole_split_agrees_with_labelset_hold_out():
+    from mlic.data.labelset import LabelSet
+
+    n = 1003
+    labelset = LabelSet(["a"], [str(i) for i in range(n)], np.zeros((n, 1), dtype=np.int8))
+    train_set, val_set = labelset.hold_out(0.2)
+    train, val = cole_split(n)
+    assert [int(p) for p in val_set.image_paths] == val.tolist()
+    assert [int(p) for p in train_set.image_paths] == train.tolist()
 
 
 def _dense_vs_row_adam(eps: float, epochs: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,6 +176,10 @@ def test_bad_inputs_are_one_line_errors(problem):
         train_linear_probe(x, y, xv[:, :10], yv)
     with pytest.raises(ValueError, match="estimator_update"):
         train_linear_probe(x, y, xv, yv, LinearProbeConfig(estimator_update="sparse"))
+    broken = x.copy()
+    broken[3, 0] = np.nan
+    with pytest.raises(FloatingPointError, match="learning rate"):
+        train_linear_probe(broken, y, xv, yv, LinearProbeConfig(loss="an", epochs=1))
 
 
 def test_grid_search_and_seed_summary(problem):
