@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -123,3 +124,18 @@ def test_convert_errors_are_one_line(tmp_path):
     (tmp_path / "release" / "checkpoint.pkl").write_bytes(b"junk")
     result = runner.invoke(app, ["convert", "q2l", str(tmp_path / "release"), "-o", str(tmp_path / "out")])
     assert result.exit_code == 2 and "no config_new.json" in result.output and "Traceback" not in result.output
+
+
+def test_single_positive_linear_probe(tmp_path):
+    out = tmp_path / "probe"
+    result = run("train", "--digits-size", "96,32,32", "--img-size", "32", "--mode", "linear", "--observe",
+                 "single-positive", "--loss", "role", "--epochs", "3", "--workers", "0", "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "1.00 positives and 0.00 negatives known per image" in result.output
+    estimated = np.load(out / "estimated_labels.npy")
+    assert estimated.shape[1] == 10 and estimated.min() >= 0 and estimated.max() <= 1
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    # the saved model is a whole classifier: predict works on it
+    image = next((tmp_path / "cache").glob("multidigits-*/images/test/000000.png"))
+    assert run("predict", image, "--checkpoint", out).exit_code == 0
