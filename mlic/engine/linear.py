@@ -189,8 +189,8 @@ class RowAdam:
         if param.ndim != 2:
             raise ValueError(f"RowAdam needs a 2-D parameter, got shape {tuple(param.shape)}")
         self.param, self.lr, self.betas, self.eps = param, lr, betas, eps
-        self.exp_avg = torch.zeros_like(param, memory_format=torch.contiguous_format).detach()
-        self.exp_avg_sq = torch.zeros_like(self.exp_avg)
+        # first and second moments side by side, so a batch's rows are one gather and one scatter
+        self.moments = torch.zeros(param.shape[0], 2, param.shape[1], dtype=param.dtype, device=param.device)
         self.last = torch.zeros(param.shape[0], dtype=torch.long, device=param.device)
         self.steps = 0
         beta1, beta2 = betas
@@ -213,41 +213,46 @@ class RowAdam:
         self._w = (bc2.sqrt() / bc1).to(self.param.dtype).to(self.param.device)
         self._wu = (bc2 / bc1).to(self.param.dtype).to(self.param.device)
 
-    def _coast(self, last: torch.Tensor, skipped: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Apply ``skipped`` (R,) zero-gradient steps after step ``last`` (R,) to moments m, v (R, K) in place.
+    def _coast(self, last: torch.Tensor, m: torch.Tensor, v: torch.Tensor, now: int | None = None) -> torch.Tensor:
+        """Apply the zero-gradient steps last+1 … now to rows last stepped at ``last`` (R,); m, v (R, K) in place.
 
         Coasting step j (absolute step last + j) moves an entry by ``-lr · m/√v · w_j / (1 + (eps/√v)·u_j)``
         with ``w_j = (β1/√β2)^j · √bc2/bc1`` and ``u_j = √bc2 / β2^(j/2)``. The sum over j is taken as
         ``S / (1 + (eps/√v)·U/S)`` with S = Σ w_j and U = Σ w_j u_j: exact without eps, right to first
-        order in eps/√v, and bounded where eps dominates.
+        order in eps/√v, and bounded where eps dominates. S and U depend on ``last`` only, so they are
+        computed once per distinct value.
 
         Returns the parameter change (R, K).
         """
-        self._tables(self.steps + self._j.numel() + 1)
-        steps = last[:, None] + self._j
+        now = self.steps if now is None else now
+        self._tables(now + self._j.numel() + 1)
+        distinct, inverse = torch.unique(last, return_inverse=True)
+        skipped = now - distinct
+        steps = distinct[:, None] + self._j
         live = self._j <= skipped[:, None]
-        total = (self._w[steps] * self._ratio_pow * live).sum(dim=1, keepdim=True)
-        eps_total = (self._wu[steps] * self._ratio_pow_eps * live).sum(dim=1, keepdim=True)
+        total = (self._w[steps] * self._ratio_pow * live).sum(dim=1)
+        eps_total = (self._wu[steps] * self._ratio_pow_eps * live).sum(dim=1)
         eps_weight = eps_total * (self.eps / total.clamp_min(1e-30))
-        delta = m * (total * -self.lr) / (v.sqrt() + eps_weight).clamp_min(1e-30)
-        skipped_f = skipped.to(m.dtype)[:, None]
+        skipped_f = skipped.to(m.dtype)
         beta1, beta2 = self.betas
-        m.mul_(torch.pow(torch.full_like(skipped_f, beta1), skipped_f))
-        v.mul_(torch.pow(torch.full_like(skipped_f, beta2), skipped_f))
-        # Moments decayed below 1e-30 move nothing any more; zeroing them keeps them out of the
-        # (very slow) subnormal range.
-        m.masked_fill_(m.abs() < 1e-30, 0.0)
-        v.masked_fill_(v < 1e-30, 0.0)
+        decay = torch.stack([torch.pow(torch.full_like(skipped_f, beta1), skipped_f),
+                             torch.pow(torch.full_like(skipped_f, beta2), skipped_f)], dim=1)
+        # a moment decayed by more than 1e-20 moves nothing any more; zero it rather than let it
+        # wander into the (very slow) subnormal range
+        decay = decay.masked_fill_(decay < 1e-20, 0.0)
+        per_row = torch.cat([(total * -self.lr)[:, None], eps_weight[:, None], decay], dim=1)[inverse]
+        delta = m * per_row[:, 0:1] / (v.sqrt() + per_row[:, 1:2]).clamp_min(1e-30)
+        m.mul_(per_row[:, 2:3])
+        v.mul_(per_row[:, 3:4])
         return delta
 
     @torch.no_grad()
     def catch_up(self, rows: torch.Tensor) -> torch.Tensor:
         """Bring distinct rows (R,) up to the current step; returns their values (R, K), a copy."""
-        last = self.last[rows]
-        m, v = self.exp_avg[rows], self.exp_avg_sq[rows]
+        moments = self.moments[rows]
         values = self.param.data[rows]
-        values += self._coast(last, self.steps - last, m, v)
-        self._pending = (rows, values, m, v)
+        values += self._coast(self.last[rows], moments[:, 0], moments[:, 1])
+        self._pending = (rows, values, moments)
         return values
 
     @torch.no_grad()
@@ -255,35 +260,61 @@ class RowAdam:
         """One Adam step with gradient ``grad`` (R, K) on the rows last passed to :meth:`catch_up`, zero elsewhere."""
         if self._pending is None or self._pending[0] is not rows:
             raise RuntimeError("RowAdam.step: call catch_up(rows) with the same rows first")
-        _, values, m, v = self._pending
+        _, values, moments = self._pending
         self._pending = None
         beta1, beta2 = self.betas
         self.steps += 1
         t = self.steps
+        m, v = moments[:, 0], moments[:, 1]
         m.mul_(beta1).add_(grad, alpha=1 - beta1)
         v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(self.eps)
         values = values.detach().addcdiv_(m, denom, value=-self.lr / (1 - beta1**t))
-        self._write(rows, values, m, v, t)
+        self._write(rows, values, moments, t)
 
-    def _write(self, rows: torch.Tensor, values: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t: int) -> None:
+    def _write(self, rows: torch.Tensor, values: torch.Tensor, moments: torch.Tensor, t: int) -> None:
         self.param.data[rows] = values
-        self.exp_avg[rows], self.exp_avg_sq[rows] = m, v
+        self.moments[rows] = moments
         self.last[rows] = t
 
     @torch.no_grad()
-    def flush(self, chunk: int = 8192) -> None:
+    def flush(self, chunk: int = 65536) -> None:
         """Bring every row up to the current step (call before reading the whole parameter)."""
         stale = torch.nonzero(self.last < self.steps).flatten()
         for start in range(0, stale.numel(), chunk):
             rows = stale[start:start + chunk]
             values = self.catch_up(rows)
-            _, _, m, v = self._pending
+            _, _, moments = self._pending
             self._pending = None
-            self._write(rows, values, m, v, self.steps)
+            self._write(rows, values, moments, self.steps)
+
+    def snapshot(self) -> dict:
+        """A copy of the state (cheaper than :meth:`flush`); :meth:`flushed_values` turns it into values later."""
+        return {"values": self.param.detach().clone(), "moments": self.moments.clone(), "last": self.last.clone(),
+                "steps": self.steps}
+
+    @torch.no_grad()
+    def flushed_values(self, snapshot: dict, chunk: int = 65536) -> torch.Tensor:
+        """The (N, K) values a :meth:`flush` would have given at the time of ``snapshot`` (which is consumed)."""
+        values, moments, last = snapshot["values"], snapshot["moments"], snapshot["last"]
+        for start in range(0, values.shape[0], chunk):
+            part = moments[start:start + chunk]
+            values[start:start + chunk] += self._coast(last[start:start + chunk], part[:, 0], part[:, 1],
+                                                       snapshot["steps"])
+        return values
+
+    @property
+    def exp_avg(self) -> torch.Tensor:
+        """Adam's first moment (N, K), as of each row's last update (see :meth:`flush`)."""
+        return self.moments[:, 0]
+
+    @property
+    def exp_avg_sq(self) -> torch.Tensor:
+        """Adam's second moment (N, K), as of each row's last update."""
+        return self.moments[:, 1]
 
     def state_dict(self) -> dict:
-        return {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "last": self.last, "steps": self.steps}
+        return {"moments": self.moments, "last": self.last, "steps": self.steps}
 
 
 def build_probe_loss(name: str, loss_args: dict, num_images: int, num_classes: int) -> nn.Module:
@@ -364,11 +395,21 @@ class LinearProbe:
         """Logits (M, K) of features x (M, C)."""
         return F.linear(x, self.head.weight, self.head.bias)
 
-    @torch.no_grad()
-    def estimator_logits(self) -> torch.Tensor | None:
-        """ROLE's (N, K) estimator logits, brought up to date; None for other losses."""
+    def estimator_snapshot(self) -> torch.Tensor | dict | None:
+        """A cheap copy of ROLE's estimator state; :meth:`estimator_logits` accepts it later. None for other losses."""
         if self.estimator is None:
             return None
+        if self.row_adam is not None:
+            return self.row_adam.snapshot()
+        return self.estimator.logits.detach().clone()
+
+    @torch.no_grad()
+    def estimator_logits(self, snapshot: torch.Tensor | dict | None = None) -> torch.Tensor | None:
+        """ROLE's (N, K) estimator logits, brought up to date (or as of ``snapshot``); None for other losses."""
+        if self.estimator is None:
+            return None
+        if snapshot is not None:
+            return self.row_adam.flushed_values(snapshot) if isinstance(snapshot, dict) else snapshot
         if self.row_adam is not None:
             self.row_adam.flush()
         return self.estimator.logits.detach()
@@ -488,10 +529,8 @@ def _train(train_x, train_y, val_x, val_y, config, test_x, test_y, num_images, n
         record["seconds"] = time.perf_counter() - t0
         history.append(record)
         if val_map > best["val_map"]:
-            estimator = probe.estimator_logits()
             best = {"val_map": val_map, "epoch": epoch, "weight": probe.head.weight.detach().clone(),
-                    "bias": probe.head.bias.detach().clone(),
-                    "estimator": None if estimator is None else estimator.clone()}
+                    "bias": probe.head.bias.detach().clone(), "estimator": probe.estimator_snapshot()}
         if progress is not None:
             progress[0].update(progress[1], advance=1, description=f"epoch {epoch + 1}: val mAP {val_map:.2f}")
     if progress is not None:
@@ -506,7 +545,7 @@ def _train(train_x, train_y, val_x, val_y, config, test_x, test_y, num_images, n
     return LinearProbeResult(
         weight=best["weight"].numpy(), bias=best["bias"].numpy(), best_epoch=best["epoch"], val_map=best["val_map"],
         test_map=test_map, history=history,
-        estimator_logits=None if best["estimator"] is None else best["estimator"].numpy(),
+        estimator_logits=None if best["estimator"] is None else probe.estimator_logits(best["estimator"]).numpy(),
         config=copy.deepcopy(config), seconds=time.perf_counter() - start,
     )
 

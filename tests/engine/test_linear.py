@@ -81,7 +81,7 @@ def test_cole_split_agrees_with_labelset_hold_out():
     assert [int(p) for p in train_set.image_paths] == train.tolist()
 
 
-def _dense_vs_row_adam(eps: float, epochs: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+def _dense_vs_row_adam(eps: float, epochs: int = 4) -> tuple[torch.Tensor, ...]:
     n, k, batch = 60, 5, 6
     gen = torch.Generator().manual_seed(0)
     target = torch.randn(n, k, generator=gen, dtype=torch.float64)
@@ -89,7 +89,9 @@ def _dense_vs_row_adam(eps: float, epochs: int = 4) -> tuple[torch.Tensor, torch
     lazy = torch.nn.Parameter(torch.zeros(n, k, dtype=torch.float64))
     opt = torch.optim.Adam([dense], lr=0.05, eps=eps)
     row_adam = RowAdam(lazy, lr=0.05, eps=eps)
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        if epoch == 2:  # a snapshot mid-training, turned into values only at the end
+            snapshot, dense_then = row_adam.snapshot(), dense.detach().clone()
         perm = torch.randperm(n, generator=gen)
         for i in range(0, n, batch):
             rows = perm[i:i + batch]
@@ -100,13 +102,14 @@ def _dense_vs_row_adam(eps: float, epochs: int = 4) -> tuple[torch.Tensor, torch
             ((values - target[rows]) ** 2).sum().backward()
             row_adam.step(rows, values.grad)
     row_adam.flush()
-    return dense.detach(), lazy.detach()
+    return dense.detach(), lazy.detach(), dense_then, row_adam.flushed_values(snapshot)
 
 
 def test_row_adam_follows_dense_adam():
-    dense, lazy = _dense_vs_row_adam(eps=1e-30)  # without eps the closed-form coasting is exact
+    dense, lazy, dense_then, lazy_then = _dense_vs_row_adam(eps=1e-30)  # without eps the coasting is exact
     torch.testing.assert_close(lazy, dense, atol=1e-10, rtol=0)
-    dense, lazy = _dense_vs_row_adam(eps=1e-8)
+    torch.testing.assert_close(lazy_then, dense_then, atol=1e-10, rtol=0)
+    dense, lazy, _, _ = _dense_vs_row_adam(eps=1e-8)
     assert (lazy - dense).abs().max() < 1e-4
     moved = (dense != 0).float().mean()
     assert moved == 1.0
