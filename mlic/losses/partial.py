@@ -47,6 +47,13 @@ def _reduce(loss_matrix: torch.Tensor, reg: torch.Tensor | None, reduction: str)
     return total if reg is None else total + reg
 
 
+def _log_terms(logits: torch.Tensor, probs: torch.Tensor, eps: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p and log(1 - p) as :func:`mlic.losses.full.log_sigmoids`, reusing p = sigmoid(logits)."""
+    if eps is None:
+        return log_sigmoids(logits, None)
+    return torch.log(probs + eps), torch.log(1 - probs + eps)
+
+
 def logit(p: float) -> float:
     """Inverse sigmoid, with p clamped to [1e-5, 1 - 1e-5] as the official estimator init does."""
     p = min(max(p, 1e-5), 1 - 1e-5)
@@ -102,9 +109,10 @@ def epr_loss(
     """
     logits = _float_logits(logits)
     pos, neg, _ = _masks(targets, logits)
-    logp, log1mp = log_sigmoids(logits, eps)
+    p = torch.sigmoid(logits)
+    logp, log1mp = _log_terms(logits, p, eps)
     loss_matrix = -(pos * logp + neg * log1mp)
-    reg = expected_positive_penalty(torch.sigmoid(logits), expected_positives, num_classes)
+    reg = expected_positive_penalty(p, expected_positives, num_classes)
     return _reduce(loss_matrix, reg, reduction)
 
 
@@ -134,8 +142,8 @@ def role_loss(
     estimator_logits = estimator_logits.to(logits.dtype)
     pos, neg, _ = _masks(targets, logits)
     p, q = torch.sigmoid(logits), torch.sigmoid(estimator_logits)
-    logp, log1mp = log_sigmoids(logits, eps)
-    logq, log1mq = log_sigmoids(estimator_logits, eps)
+    logp, log1mp = _log_terms(logits, p, eps)
+    logq, log1mq = _log_terms(estimator_logits, q, eps)
     p_bar, q_bar = p.detach(), q.detach()
     observed_p = -(pos * logp + neg * log1mp)
     observed_q = -(pos * logq + neg * log1mq)
