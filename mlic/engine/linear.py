@@ -21,6 +21,7 @@ set held out for validation (:func:`cole_split`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import math
@@ -82,8 +83,10 @@ class LinearProbeConfig:
     """Unknown (-1) validation labels count as "negative" (Cole's observed-validation protocol) or are "ignore"d."""
     eval_test_every_epoch: bool = False
     """Score the test set every epoch (history gets test mAP); otherwise only at the best epoch."""
-    num_threads: int | None = None
-    """torch intra-op threads during the run (None: leave as is)."""
+    num_threads: int | None = 1
+    """torch threads for the matmuls (None: torch's current setting); everything else runs on one thread.
+    One is the robust choice on 2 cores: a second thread gains ~1.5x on the matmuls of an idle machine
+    but loses ~2x when other processes hold a core (the COCO-sized ROLE run: 43 s on 1 thread, 82 s on 2)."""
     progress: bool = False
     """Show a progress bar over epochs."""
 
@@ -371,23 +374,33 @@ class LinearProbe:
         self.optimizer = torch.optim.Adam(groups, lr=config.lr, betas=config.betas, eps=config.adam_eps,
                                           fused=fused or None)
 
-    def step(self, x: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    def step(self, x: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor,
+             matmul_threads: int | None = None) -> torch.Tensor:
         """One step on features x (B, C), targets (B, K) in {1, 0, -1}, dataset rows indices (B,).
+
+        The head's two matmuls (logits, weight gradient) are written out, so that they alone can run
+        on ``matmul_threads`` threads while the small elementwise work stays on the caller's setting.
 
         Returns the batch objective (detached scalar).
         """
         self.optimizer.zero_grad(set_to_none=True)
-        logits = F.linear(x, self.head.weight, self.head.bias)
+        weight, bias = self.head.weight, self.head.bias
+        with torch.no_grad(), _threads(matmul_threads):
+            logits = torch.addmm(bias, x, weight.t())
+        logits.requires_grad_(True)
         if self.row_adam is not None:
             rows = self.row_adam.catch_up(indices).requires_grad_(True)
             loss = self.loss.forward_rows(logits, rows, targets)
-            loss.backward()
-            self.optimizer.step()
-            self.row_adam.step(indices, rows.grad)
         else:
             loss = self.loss(logits, targets, indices)
-            loss.backward()
-            self.optimizer.step()
+        loss.backward()
+        grad = logits.grad
+        with torch.no_grad(), _threads(matmul_threads):
+            weight.grad = grad.t().mm(x)
+        bias.grad = grad.sum(dim=0)
+        self.optimizer.step()
+        if self.row_adam is not None:
+            self.row_adam.step(indices, rows.grad)
         return loss.detach()
 
     @torch.no_grad()
@@ -413,6 +426,20 @@ class LinearProbe:
         if self.row_adam is not None:
             self.row_adam.flush()
         return self.estimator.logits.detach()
+
+
+@contextlib.contextmanager
+def _threads(num: int | None):
+    """Run the block with ``num`` torch threads (None: unchanged)."""
+    if num is None or num == torch.get_num_threads():
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(num)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _in_memory_float32(x: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -478,17 +505,18 @@ def train_linear_probe(
     if config.batch_size < 1 or config.epochs < 1:
         raise ValueError(f"batch_size and epochs must be ≥ 1, got {config.batch_size} and {config.epochs}")
     threads = torch.get_num_threads()
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
+    # Elementwise work on a (batch, K) matrix is too small to gain from a second thread and, on a
+    # busy machine, stalls at every op waiting for it; only the matmuls get config.num_threads.
+    torch.set_num_threads(1)
     try:
         return _train(train_x, train_y, val_x, val_y, config, test_x, test_y, num_images, num_features, num_classes,
-                      start)
+                      start, threads)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(train_x, train_y, val_x, val_y, config, test_x, test_y, num_images, num_features, num_classes, start
-           ) -> LinearProbeResult:
+def _train(train_x, train_y, val_x, val_y, config, test_x, test_y, num_images, num_features, num_classes, start,
+           threads) -> LinearProbeResult:
     train_y = np.array(train_y, dtype=np.int8, order="C")  # a small copy: labels may be read-only memory maps
     val_y = np.array(val_y, dtype=np.int8)
     x_train = _in_memory_float32(train_x)
@@ -502,6 +530,7 @@ def _train(train_x, train_y, val_x, val_y, config, test_x, test_y, num_images, n
                       UserWarning, stacklevel=3)
 
     probe = LinearProbe(num_features, num_classes, num_images, config, observed=train_y)
+    matmul_threads = config.num_threads or threads
     order_gen = torch.Generator().manual_seed(config.seed + 1)
     batch = min(config.batch_size, num_images)
     stop = num_images - num_images % batch if config.drop_last else num_images
@@ -516,16 +545,20 @@ def _train(train_x, train_y, val_x, val_y, config, test_x, test_y, num_images, n
         steps = 0
         for i in range(0, stop, batch):
             idx = perm[i:i + batch]
-            total += probe.step(x_train.index_select(0, idx), y_train.index_select(0, idx), idx)
+            total += probe.step(x_train.index_select(0, idx), y_train.index_select(0, idx), idx, matmul_threads)
             steps += 1
         mean_loss = float(total) / max(steps, 1)
         if not math.isfinite(mean_loss):
             raise FloatingPointError(f"linear probe: the loss became {mean_loss} in epoch {epoch + 1}; lower the "
                                      f"learning rate (lr={config.lr:g})")
-        val_map = _map(probe.scores(x_val), val_y, config.val_unknown)
+        with _threads(matmul_threads):
+            val_scores = probe.scores(x_val)
+        val_map = _map(val_scores, val_y, config.val_unknown)
         record = {"epoch": epoch, "loss": mean_loss, "val_map": val_map}
         if x_test is not None and config.eval_test_every_epoch:
-            record["test_map"] = _map(probe.scores(x_test), test_y, "ignore")
+            with _threads(matmul_threads):
+                test_scores = probe.scores(x_test)
+            record["test_map"] = _map(test_scores, test_y, "ignore")
         record["seconds"] = time.perf_counter() - t0
         history.append(record)
         if val_map > best["val_map"]:
@@ -541,7 +574,9 @@ def _train(train_x, train_y, val_x, val_y, config, test_x, test_y, num_images, n
         if config.eval_test_every_epoch:
             test_map = history[best["epoch"]]["test_map"]
         else:
-            test_map = _map(F.linear(x_test, best["weight"], best["bias"]), test_y, "ignore")
+            with _threads(matmul_threads):
+                test_scores = F.linear(x_test, best["weight"], best["bias"])
+            test_map = _map(test_scores, test_y, "ignore")
     return LinearProbeResult(
         weight=best["weight"].numpy(), bias=best["bias"].numpy(), best_epoch=best["epoch"], val_map=best["val_map"],
         test_map=test_map, history=history,
