@@ -86,6 +86,13 @@ def test_extract_matches_backbone_and_is_cached(images, model, tmp_path):
     np.testing.assert_array_equal(np.asarray(first), np.asarray(again))
     np.testing.assert_allclose(np.asarray(first), np.asarray(feats), rtol=1e-6, atol=1e-6)
 
+    with torch.no_grad():  # other weights: the cache no longer applies
+        next(counting.parameters()).mul_(2)
+    changed = extract_features(images, counting, tmp_path / "bare.npy", img_size=16, mean=model.config.mean,
+                               std=model.config.std, batch_size=4, progress=False)
+    assert counting.images_seen == seen + 1 + 11
+    assert not np.allclose(np.asarray(changed), np.asarray(first))
+
 
 def test_resume_after_interruption(images, model, tmp_path):
     reference = np.asarray(extract_features(images, model, tmp_path / "ref.npy", batch_size=4, progress=False))
