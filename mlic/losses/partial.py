@@ -9,6 +9,11 @@ Every log term is ``log(x + eps)`` with ``eps=1e-5`` by default, as the official
 (``eps=None`` gives exact ``logsigmoid`` terms). The batch objective is the official one: the sum
 of the loss matrix divided by ``B * K`` (all entries, observed or not), plus the regulariser added
 once.
+
+A consequence of the official eps worth knowing: ``d/dz -log(p + eps) = -p(1-p)/(p + eps)``
+vanishes once p ≪ eps, so a positive whose logit has fallen below about -11.5 stops being pulled
+back; a learning rate large enough to push all logits there in the first Adam steps stalls
+training at chance (see ``mlic.engine.linear.LinearProbeConfig``). ``eps=None`` has no such trap.
 """
 
 from __future__ import annotations
