@@ -226,7 +226,9 @@ def train(
         from mlic.engine.probe import run_linear_probe
 
         chosen = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}.items()
-                  if v is not None}  # otherwise the probe's own defaults (25 epochs, batch 256, lr 2e-3)
+                  if v is not None}  # otherwise the probe's own defaults (25 epochs, batch 1024, lr 7e-3)
+        if batch_size is None and len(train_set) < 32 * LinearProbeConfig.batch_size:
+            chosen["batch_size"] = max(16, len(train_set) // 32)  # keep ≥ 32 steps per epoch on small data
         probe = LinearProbeConfig(loss=cfg.loss, loss_args=cfg.loss_args, estimator_lr_mult=cfg.estimator_lr_mult,
                                   **chosen)
         result = run_linear_probe(model_cfg, probe, train_set, val_set, test_set, out, pretrained, cfg.workers,
