@@ -1,7 +1,7 @@
 """Benchmark: ROLE linear probe on COCO-sized synthetic features, a plain PyTorch loop vs mlic's fast path.
 
 The data imitate Cole et al.'s COCO linear-probe setting: 82,081 official-train images (split
-65,665 / 16,416 by :func:`mlic.engine.linear.cole_split`) and 40,137 test images, 2048-d
+65,665 / 16,416 by :func:`mlic.data.labelset.cole_split`) and 40,137 test images, 2048-d
 non-negative features, 80 classes, ≈2.9 positives per image with skewed class frequencies. Labels
 come from a random linear teacher over a low-dimensional latent, plus label noise; features are a
 noisy random lift of the same latent. Training labels are single positives (Cole's
@@ -37,8 +37,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from mlic.data.labelset import cole_split
 from mlic.data.observe import single_positive
-from mlic.engine.linear import LinearProbeConfig, cole_split, train_linear_probe
+from mlic.engine.linear import LinearProbeConfig, train_linear_probe
 from mlic.losses import build_loss
 from mlic.metrics import mean_average_precision
 

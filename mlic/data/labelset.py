@@ -71,6 +71,25 @@ def check_targets(targets: np.ndarray, name: str = "targets") -> np.ndarray:
     return targets.astype(np.int8, copy=False)
 
 
+def cole_split(num_images: int, val_fraction: float = 0.2, seed: int = 1200) -> tuple[np.ndarray, np.ndarray]:
+    """Cole et al.'s train/validation split of the official train set.
+
+    ``n_val = round(val_fraction · N)``; ``perm = np.random.RandomState(seed).permutation(N)``;
+    train = sorted ``perm[:N - n_val]``, validation = sorted ``perm[-n_val:]`` (COCO: 82,081 →
+    65,665 / 16,416). Their later subsampling step (fraction 1.0) changes nothing and is omitted.
+
+    Returns:
+        (train rows, validation rows), sorted int64 arrays.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = int(np.round(val_fraction * num_images))
+    perm = np.random.RandomState(seed).permutation(num_images)
+    train = np.sort(perm[: num_images - n_val])
+    val = np.sort(perm[num_images - n_val:])
+    return train.astype(np.int64), val.astype(np.int64)
+
+
 @dataclass
 class LabelSet:
     """Images with multi-label targets.
@@ -146,12 +165,10 @@ class LabelSet:
         ``RandomState(seed).permutation(N)``: the last n indices (sorted) are validation, the others
         (sorted) stay train. Observed labels travel with their rows. Returns (train, val).
         """
-        n = len(self)
-        n_val = int(np.round(fraction * n))
-        if n_val == 0 or n_val == n:
-            raise LabelSetError(f"holding out {fraction} of {n} images leaves an empty split")
-        order = np.random.RandomState(seed).permutation(n)
-        return self.subset(np.sort(order[: n - n_val]), split="train"), self.subset(np.sort(order[-n_val:]), "val")
+        train, val = cole_split(len(self), fraction, seed)
+        if len(val) == 0 or len(train) == 0:
+            raise LabelSetError(f"holding out {fraction} of {len(self)} images leaves an empty split")
+        return self.subset(train, split="train"), self.subset(val, split="val")
 
     def with_observed(self, observed: np.ndarray | None) -> LabelSet:
         """A copy whose observed labels are ``observed``."""

@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 import torch
 
+from mlic.data.labelset import cole_split
 from mlic.engine.linear import (
     LinearProbe,
     LinearProbeConfig,
-    RowAdam,
-    cole_split,
     grid_search,
     run_seeds,
     summarize_seeds,
     train_linear_probe,
 )
+from mlic.engine.rowadam import RowAdam
 from mlic.metrics import mean_average_precision
 
 
