@@ -142,7 +142,7 @@ class LinearProbeResult:
 
     def scores(self, features: np.ndarray | torch.Tensor) -> np.ndarray:
         """Logits (M, K) of features (M, C) under the best-epoch head."""
-        x = torch.as_tensor(np.asarray(features, dtype=np.float32))
+        x = torch.from_numpy(np.array(features, dtype=np.float32))  # a copy: cached features are read-only
         return F.linear(x, torch.from_numpy(self.weight), torch.from_numpy(self.bias)).numpy()
 
 
