@@ -372,7 +372,8 @@ def predict(
 @app.command()
 @user_errors
 def prepare(
-    kind: Annotated[str, typer.Argument(help="Data set kind: coco, voc, nuswide, cub, table.")],
+    kind: Annotated[str, typer.Argument(help="Data set kind: coco, voc, nuswide, cub, table, or cole (Cole et al.'s "
+                                              "formatted_*.npy files).")],
     root: Annotated[Path, typer.Option(help="The data set folder (for table: the CSV/TSV/JSON file).")],
     out: Annotated[Path, typer.Option(help="Folder receiving one LabelSet folder per split.")],
     observe: Annotated[str | None, typer.Option(help="Also store simulated observed train labels: single-positive "
@@ -384,7 +385,7 @@ def prepare(
                                                           "voc year=2007 difficult=unknown|positive|negative "
                                                           "source=xml|lists; nuswide drop_missing=true; cub "
                                                           "min_certainty=1; table images=DIR val=FILE test=FILE "
-                                                          "classes=[a,b].")] = None,
+                                                          "classes=[a,b]; cole images=DIR classes=[...].")] = None,
 ) -> None:
     """Read a data set on disk into mlic's LabelSet folders (train/ val/ test/), ready for 'mlic train --data'."""
     from mlic.data.labelset import LabelSet

@@ -74,8 +74,17 @@ def _table(root: Path, images: str | None = None, classes: list[str] | None = No
     return sets
 
 
+def _cole(root: Path, images: str | None = None, classes: list[str] | None = None) -> dict[str, LabelSet]:
+    """Cole et al.'s formatted_{train,val}_*.npy files; their val (the official val set) is our test."""
+    from mlic.data.formatted import import_formatted
+
+    image_root = images or root
+    return {"train": import_formatted(root, "train", image_root, classes),
+            "test": import_formatted(root, "val", image_root, classes, observed=False)}
+
+
 READERS: dict[str, Callable[..., dict[str, LabelSet]]] = {
-    "coco": _coco, "voc": _voc, "nuswide": _nuswide, "cub": _cub, "table": _table,
+    "coco": _coco, "voc": _voc, "nuswide": _nuswide, "cub": _cub, "table": _table, "cole": _cole,
 }
 
 

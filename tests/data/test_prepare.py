@@ -129,3 +129,24 @@ def test_kind_options_lists_defaults():
     assert kind_options("coco") == {"order": "all", "year": "2014"}
     assert kind_options("cub") == {"min_certainty": 1}
     assert set(kind_options("nuswide")) == {"images", "drop_missing", "drop_unlabeled"}
+
+
+def test_prepare_reads_cole_formatted_files(tmp_path):
+    from mlic.data.formatted import export_formatted
+    from mlic.data.labelset import LabelSet
+    from mlic.data.observe import single_positive
+    from mlic.data.prepare import prepare
+
+    rng = np.random.RandomState(0)
+    full = (rng.rand(12, 4) < 0.4).astype(np.int8)
+    full[:, 0] = 1
+    train = LabelSet(list("abcd"), [f"train2014/{i}.jpg" for i in range(12)], full, root=str(tmp_path),
+                     observed=single_positive(full, 1200))
+    test = LabelSet(list("abcd"), [f"val2014/{i}.jpg" for i in range(5)], full[:5], root=str(tmp_path))
+    export_formatted(train, tmp_path / "cole", "train")
+    export_formatted(test, tmp_path / "cole", "val")
+    written = prepare("cole", tmp_path / "cole", tmp_path / "out", classes=list("abcd"))
+    back = LabelSet.load(written["train"])
+    np.testing.assert_array_equal(back.targets, full)
+    np.testing.assert_array_equal(back.observed, train.observed)
+    assert set(written) == {"train", "test"} and LabelSet.load(written["test"]).observed is None
