@@ -30,7 +30,8 @@ from mlic.config import ModelConfig, TrainConfig
 from mlic.data.digits import DigitsSpec, build_multidigits
 from mlic.data.features import extract_features
 from mlic.data.observe import single_positive
-from mlic.engine.linear import LinearProbeConfig, grid_search
+from mlic.engine.linear import LinearProbeConfig
+from mlic.engine.protocol import grid_search
 from mlic.engine.train import train
 from mlic.models.classifier import build_model
 

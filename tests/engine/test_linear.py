@@ -13,11 +13,9 @@ from mlic.data.labelset import cole_split
 from mlic.engine.linear import (
     LinearProbe,
     LinearProbeConfig,
-    grid_search,
-    run_seeds,
-    summarize_seeds,
     train_linear_probe,
 )
+from mlic.engine.protocol import grid_search, run_seeds, summarize_seeds
 from mlic.engine.rowadam import RowAdam
 from mlic.metrics import mean_average_precision
 
