@@ -135,6 +135,28 @@ def _is_id(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _check_entries(path, entries: list, section: str, noun: str, text_key: str, unique_text: bool) -> set[int]:
+    """Check that each entry has an integer ``id`` and a non-empty string ``text_key``, ids (and, if asked,
+    texts) unique; return the ids."""
+    ids: set[int] = set()
+    texts: set[str] = set()
+    for i, entry in enumerate(entries):
+        field = f"{section}[{i}]"
+        if not isinstance(entry, dict) or not _is_id(entry.get("id")):
+            raise LabelSetError(f"{path}: field '{field}.id' is missing or not an integer")
+        if not isinstance(entry.get(text_key), str) or not entry[text_key]:
+            raise LabelSetError(f"{path}: field '{field}.{text_key}' is missing or not a string")
+        if entry["id"] in ids:
+            raise LabelSetError(f"{path}: field '{field}.id': {noun} id {entry['id']} appears twice")
+        if unique_text and entry[text_key] in texts:
+            raise LabelSetError(f"{path}: field '{field}.{text_key}': {noun} {text_key} '{entry[text_key]}' "
+                                "appears twice")
+        ids.add(entry["id"])
+        texts.add(entry[text_key])
+    return ids
+
+
+
 def _check(path: Path, data) -> None:
     """Every field the reader and pycocotools' index touch, checked before use."""
     if not isinstance(data, dict):
@@ -145,30 +167,8 @@ def _check(path: Path, data) -> None:
             raise LabelSetError(f"{path}: field '{key}' is {what}; expected a COCO instances file")
     if not data["categories"]:
         raise LabelSetError(f"{path}: field 'categories' is empty")
-    category_ids: set[int] = set()
-    names: set[str] = set()
-    for i, cat in enumerate(data["categories"]):
-        field = f"categories[{i}]"
-        if not isinstance(cat, dict) or not _is_id(cat.get("id")):
-            raise LabelSetError(f"{path}: field '{field}.id' is missing or not an integer")
-        if not isinstance(cat.get("name"), str) or not cat["name"]:
-            raise LabelSetError(f"{path}: field '{field}.name' is missing or not a string")
-        if cat["id"] in category_ids:
-            raise LabelSetError(f"{path}: field '{field}.id': category id {cat['id']} appears twice")
-        if cat["name"] in names:
-            raise LabelSetError(f"{path}: field '{field}.name': category name '{cat['name']}' appears twice")
-        category_ids.add(cat["id"])
-        names.add(cat["name"])
-    image_ids: set[int] = set()
-    for i, img in enumerate(data["images"]):
-        field = f"images[{i}]"
-        if not isinstance(img, dict) or not _is_id(img.get("id")):
-            raise LabelSetError(f"{path}: field '{field}.id' is missing or not an integer")
-        if not isinstance(img.get("file_name"), str) or not img["file_name"]:
-            raise LabelSetError(f"{path}: field '{field}.file_name' is missing or not a string")
-        if img["id"] in image_ids:
-            raise LabelSetError(f"{path}: field '{field}.id': image id {img['id']} appears twice")
-        image_ids.add(img["id"])
+    category_ids = _check_entries(path, data["categories"], "categories", "category", "name", unique_text=True)
+    image_ids = _check_entries(path, data["images"], "images", "image", "file_name", unique_text=False)
     for i, ann in enumerate(data["annotations"]):
         field = f"annotations[{i}]"
         if not isinstance(ann, dict):
