@@ -8,6 +8,7 @@ probabilities per training image).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -81,8 +82,6 @@ def run_linear_probe(
                       "epoch": result.best_epoch + 1})
     history = [{"epoch": h["epoch"] + 1, "train_loss": h["loss"], "val_mAP": h["val_map"],
                 **{k: v for k, v in h.items() if k not in ("epoch", "loss", "val_map")}} for h in result.history]
-    import json
-
     atomic_write_bytes(out_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history).encode())
     if result.estimator_logits is not None:
         atomic_save_npy(out_dir / "estimated_labels.npy", 1 / (1 + np.exp(-result.estimator_logits)))
