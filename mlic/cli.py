@@ -16,6 +16,9 @@ from typing import Annotated
 
 import typer
 
+from mlic.config import IMG_SIZES, TrainConfig
+
+T = TrainConfig  # the defaults the help texts state
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Multi-label image classification: train, evaluate and predict; full, partial or "
                        "single-positive labels.")
@@ -34,15 +37,30 @@ def user_errors(fn):
 
         try:
             return fn(*args, **kwargs)
-        except (LabelSetError, ImageError, CheckpointError, WeightsError, TrainingError, ValueError,
-                FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        except (LabelSetError, ImageError, CheckpointError, WeightsError, TrainingError, ValueError) as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
+        except OSError as e:  # a path a user gave: missing, read-only, full disk
+            typer.echo(f"error: {os_error_line(e)}", err=True)
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            typer.echo("interrupted; resume with --resume --out <run dir>", err=True)
+            typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for a file-system error: the path, what went wrong, what to do."""
+    import errno
+
+    path = e.filename or ""
+    advice = {errno.ENOSPC: "free some space or write elsewhere", errno.EROFS: "choose a writable location",
+              errno.EACCES: "choose a location you may write to, or fix its permissions",
+              errno.EPERM: "choose a location you may write to, or fix its permissions",
+              errno.ENOENT: "check the path"}.get(e.errno)
+    reason = (e.strerror or str(e)).strip().splitlines()[0]
+    return f"{path}: {reason}" + (f"; {advice}" if advice and advice not in reason else "")
 
 
 def parse_kv(items: list[str] | None, option: str) -> dict:
@@ -117,30 +135,37 @@ def resolve_data(data: Path | None, observe: str | None, observe_seed: int, val_
     return train_set, val_set, test_set
 
 
-def print_metrics(metrics: dict, classes: list[str], title: str) -> None:
-    """The metrics table and per-class AP, as a rich table."""
-    from rich.console import Console
-    from rich.table import Table
+METRIC_KEYS = ("mAP", "mAP_voc", "CP", "CR", "CF1", "OP", "OR", "OF1", "CF1_top3", "OF1_top3")
 
-    console = Console()
-    keys = ["mAP", "mAP_voc", "CP", "CR", "CF1", "OP", "OR", "OF1", "CF1_top3", "OF1_top3"]
-    table = Table(title=title)
-    for k in keys:
-        if k in metrics:
-            table.add_column(k, justify="right")
-    table.add_row(*(f"{metrics[k]:.2f}" for k in keys if k in metrics))
-    console.print(table)
+
+def format_metrics(metrics: dict, classes: list[str], title: str, width: int = 80) -> str:
+    """The metrics table and per-class AP as plain text lines of at most ``width`` columns.
+
+    Columns wrap onto further rows instead of being cut, so the table reads the same in a narrow
+    terminal and in a log file.
+    """
+    lines = [title]
+    keys = [k for k in METRIC_KEYS if k in metrics]
+    per_row = max(1, width // 10)
+    for start in range(0, len(keys), per_row):
+        chunk = keys[start:start + per_row]
+        lines.append("".join(f"{k:>10}" for k in chunk))
+        lines.append("".join(f"{metrics[k]:>10.2f}" for k in chunk))
     if "per_class_ap" in metrics:
-        per = Table(title="AP per class")
-        per.add_column("class")
-        per.add_column("AP", justify="right")
-        per.add_column("class")
-        per.add_column("AP", justify="right")
-        pairs = list(zip(classes, metrics["per_class_ap"]))
-        half = (len(pairs) + 1) // 2
-        for left, right in zip(pairs[:half], pairs[half:] + [("", None)]):
-            per.add_row(left[0], f"{left[1]:.2f}", right[0], "" if right[1] is None else f"{right[1]:.2f}")
-        console.print(per)
+        lines.append("AP per class")
+        name_width = min(max(len(c) for c in classes), width - 8)
+        cell = name_width + 8
+        per_line = max(1, (width + 2) // (cell + 2))
+        cells = [f"{c[:name_width]:<{name_width}} {ap:7.2f}" for c, ap in zip(classes, metrics["per_class_ap"])]
+        rows = -(-len(cells) // per_line)
+        for r in range(rows):  # column-major, as a reader scans down a column
+            lines.append("  ".join(cells[r + rows * c] for c in range(per_line) if r + rows * c < len(cells)))
+    return "\n".join(lines)
+
+
+def print_metrics(metrics: dict, classes: list[str], title: str) -> None:
+    """Print :func:`format_metrics` to standard output."""
+    typer.echo(format_metrics(metrics, classes, title))
 
 
 @app.command()
@@ -155,109 +180,147 @@ def train(
     head: Annotated[str | None, typer.Option(help="Head: linear (default) or query2label.")] = None,
     head_arg: Annotated[list[str] | None, typer.Option(help="Head setting KEY=VALUE (repeatable), e.g. "
                                                               "hidden_dim=256.")] = None,
-    img_size: Annotated[int | None, typer.Option(help="Square input size in pixels (default 64).")] = None,
+    img_size: Annotated[int | None, typer.Option(help=f"Square input size in pixels, {IMG_SIZES[0]} to "
+                                                      f"{IMG_SIZES[1]} (default 64).")] = None,
     pretrained: Annotated[Path | None, typer.Option(help="Local backbone weight file (.safetensors or torch); "
                                                             "nothing is downloaded.")] = None,
     recipe: Annotated[Path | None, typer.Option(help="YAML recipe (model: and train: sections); options given "
                                                         "on the command line override it.")] = None,
     mode: Annotated[str, typer.Option(help="finetune (end to end) or linear (probe on cached features).")]
         = "finetune",
-    loss: Annotated[str | None, typer.Option(help="Loss: bce, bce_ls, focal, asl; partial labels: an, an_ls, "
-                                                     "wan, epr, role.")] = None,
+    loss: Annotated[str | None, typer.Option(help=f"Loss: bce, bce_ls, focal, asl; partial labels: an, an_ls, "
+                                                  f"wan, epr, role (default {T.loss}).")] = None,
     loss_arg: Annotated[list[str] | None, typer.Option(help="Loss setting KEY=VALUE (repeatable), e.g. "
                                                               "gamma_neg=2.")] = None,
     observe: Annotated[str | None, typer.Option(help="Simulate incomplete train labels: single-positive or "
                                                         "partial:P (keep each label with probability P).")] = None,
     observe_seed: Annotated[int, typer.Option(help="Seed of the simulated observation (Cole et al.: 1200).")] = 1200,
-    epochs: Annotated[int | None, typer.Option(help="Epochs.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Batch size (per process).")] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate (OneCycle, AdamW).")] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay.")] = None,
-    ema: Annotated[float | None, typer.Option(help="EMA decay of the weights; 0 disables.")] = None,
-    amp: Annotated[str | None, typer.Option(help="Mixed precision: auto, bf16, fp16, off.")] = None,
-    augment: Annotated[str | None, typer.Option(help="Augmentation: none, light, randaugment.")] = None,
-    hflip: Annotated[bool | None, typer.Option(help="Random horizontal flips (off by default for "
-                                                       "MultiDigits, where mirrored digits are other shapes).")] = None,
+    epochs: Annotated[int | None, typer.Option(help=f"Epochs (default {T.epochs}; the MultiDigits demo 15; "
+                                                    "linear mode 25).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help=f"Batch size per process (default {T.batch_size}; "
+                                                        "linear mode 1024).")] = None,
+    lr: Annotated[float | None, typer.Option(help=f"Peak learning rate, OneCycle + AdamW (default {T.lr:g}; the "
+                                                  "MultiDigits demo 4e-3; linear mode 7e-3).")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help=f"AdamW weight decay (default {T.weight_decay:g}).")]
+        = None,
+    ema: Annotated[float | None, typer.Option(help=f"EMA decay of the weights; 0 disables (default {T.ema:g}).")]
+        = None,
+    amp: Annotated[str | None, typer.Option(help=f"Mixed precision: auto, bf16, fp16, off (default {T.amp}).")]
+        = None,
+    augment: Annotated[str | None, typer.Option(help=f"Augmentation: none, light, randaugment (default "
+                                                     f"{T.augment}).")] = None,
+    hflip: Annotated[bool | None, typer.Option(help="Random horizontal flips (default on; off for MultiDigits, "
+                                                    "where mirrored digits are other shapes).")] = None,
     freeze: Annotated[list[str] | None, typer.Option(help="Freeze backbone parameters with this name prefix "
                                                              "(repeatable), e.g. conv1.")] = None,
-    workers: Annotated[int | None, typer.Option(help="Data-loading worker processes.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of initialisation and data order.")] = None,
+    workers: Annotated[int | None, typer.Option(help=f"Data-loading worker processes (default {T.workers}).")]
+        = None,
+    seed: Annotated[int | None, typer.Option(help=f"Seed of initialisation and data order (default {T.seed}).")]
+        = None,
     val_fraction: Annotated[float, typer.Option(help="Share of train held out for validation when the data "
                                                      "has no val/ split.")] = 0.2,
-    digits_size: Annotated[str | None, typer.Option(help="MultiDigits sizes TRAIN,VAL,TEST.")] = None,
+    digits_size: Annotated[str | None, typer.Option(help="MultiDigits sizes TRAIN,VAL,TEST (default "
+                                                         "4000,1000,2000).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace the run already in --out (its files only).")] = False,
     strict_images: Annotated[bool, typer.Option(help="Stop at the first unreadable image instead of skipping "
                                                      "and counting it.")] = False,
+    max_bad_images: Annotated[str, typer.Option(help="Unreadable images tolerated per split before the run "
+                                                     "stops: a share (1%, 0.01) or a count (25).")] = "1%",
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """Train a classifier, keep the best epoch by validation mAP, evaluate it on test, write a report."""
     from mlic.config import ModelConfig, TrainConfig, load_recipe
+    from mlic.data.images import parse_bad_limit
+    from mlic.engine.checkpoint import claim_run_dir
     from mlic.engine.report import write_report
     from mlic.engine.train import train as run_training
 
     if resume and out is None:
         raise ValueError("--resume needs --out: the run folder to continue")
+    if mode not in ("finetune", "linear"):
+        raise ValueError(f"--mode {mode!r}: choose finetune or linear")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"--val-fraction {val_fraction}: choose a share between 0 and 1, e.g. 0.2")
+    if mode == "linear":
+        ignored = {"--weight-decay": weight_decay, "--ema": ema, "--amp": amp, "--augment": augment,
+                   "--hflip/--no-hflip": hflip, "--freeze": freeze, "--resume": resume or None}
+        given = [name for name, value in ignored.items() if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: not used by --mode linear (a head trained on cached features); "
+                             "drop them or use --mode finetune")
+    bad_limit = parse_bad_limit(max_bad_images)
     import os
 
     echo = typer.echo if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)  # one voice under torchrun
     model_args, train_args = load_recipe(recipe) if recipe else ({}, {})
-    train_set, val_set, test_set = resolve_data(data, observe, observe_seed, val_fraction, digits_size, echo)
-    is_digits = data is None
     model_args.update({k: v for k, v in {"backbone": backbone, "head": head, "img_size": img_size}.items()
                        if v is not None})
     model_args.setdefault("head_args", {}).update(parse_kv(head_arg, "--head-arg"))
-    model_args["num_classes"] = train_set.num_classes
     cli_train = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "ema": ema,
                  "amp": amp, "augment": augment, "hflip": hflip, "freeze": freeze, "workers": workers,
                  "seed": seed, "loss": loss}
     train_args.update({k: v for k, v in cli_train.items() if v is not None})
     train_args.setdefault("loss_args", {}).update(parse_kv(loss_arg, "--loss-arg"))
-    if is_digits and mode == "finetune":  # tuned for the 5-minute demo on 2 cores
+    if data is None and mode == "finetune":  # tuned for the 5-minute demo on 2 cores
         train_args.setdefault("hflip", False)
         train_args.setdefault("epochs", 15)
         train_args.setdefault("lr", 4e-3)
-    model_cfg = ModelConfig.from_dict(model_args)
-    cfg = TrainConfig.from_dict(train_args)
+    cfg = TrainConfig.from_dict(train_args)  # impossible settings are refused here, before any work
+    ModelConfig.from_dict({**model_args, "num_classes": 1})
     out = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    if os.environ.get("RANK", "0") == "0":
+        claim_run_dir(out, resume=resume, overwrite=overwrite)
+    train_set, val_set, test_set = resolve_data(data, observe, observe_seed, val_fraction, digits_size, echo)
+    model_args["num_classes"] = train_set.num_classes
+    model_cfg = ModelConfig.from_dict(model_args)
     echo(f"model: {model_cfg.backbone} + {model_cfg.head} head, {model_cfg.num_classes} classes, "
          f"{model_cfg.img_size}px; loss {cfg.loss}; mode {mode}; run folder {out}")
-    if mode == "linear":
-        from mlic.engine.linear import LinearProbeConfig
-        from mlic.engine.probe import run_linear_probe
+    try:
+        if mode == "linear":
+            from mlic.engine.linear import LinearProbeConfig
+            from mlic.engine.probe import run_linear_probe
 
-        chosen = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}.items()
-                  if v is not None}  # otherwise the probe's own defaults (25 epochs, batch 1024, lr 7e-3)
-        if batch_size is None and len(train_set) < 32 * LinearProbeConfig.batch_size:
-            chosen["batch_size"] = max(16, len(train_set) // 32)  # keep ≥ 32 steps per epoch on small data
-        probe = LinearProbeConfig(loss=cfg.loss, loss_args=cfg.loss_args, estimator_lr_mult=cfg.estimator_lr_mult,
-                                  **chosen)
-        result = run_linear_probe(model_cfg, probe, train_set, val_set, test_set, out, pretrained, cfg.workers,
-                                  quiet=quiet, log=echo)
-    elif mode == "finetune":
-        t0 = time.perf_counter()
-        result = run_training(model_cfg, cfg, train_set, val_set, out, test_set=test_set, resume=resume,
-                              pretrained=str(pretrained) if pretrained else None, strict_images=strict_images,
-                              progress=not quiet)
-        echo(f"trained in {time.perf_counter() - t0:.0f}s; best epoch {result.best_epoch} "
-                   f"(val mAP {result.best_val_map:.2f})")
-        if result.bad_images:
-            echo(f"skipped {result.bad_images} unreadable images in all (see the log lines above)")
-    else:
-        raise ValueError(f"--mode {mode!r}: choose finetune or linear")
+            chosen = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}.items()
+                      if v is not None}  # otherwise the probe's own defaults (25 epochs, batch 1024, lr 7e-3)
+            if batch_size is None and len(train_set) < 32 * LinearProbeConfig.batch_size:
+                chosen["batch_size"] = max(16, len(train_set) // 32)  # keep ≥ 32 steps per epoch on small data
+            probe = LinearProbeConfig(loss=cfg.loss, loss_args=cfg.loss_args,
+                                      estimator_lr_mult=cfg.estimator_lr_mult, **chosen)
+            result = run_linear_probe(model_cfg, probe, train_set, val_set, test_set, out, pretrained, cfg.workers,
+                                      quiet=quiet, log=echo, max_bad_images=bad_limit, strict_images=strict_images)
+        else:
+            t0 = time.perf_counter()
+            result = run_training(model_cfg, cfg, train_set, val_set, out, test_set=test_set, resume=resume,
+                                  pretrained=str(pretrained) if pretrained else None, strict_images=strict_images,
+                                  progress=not quiet, max_bad_images=bad_limit, log=echo)
+            echo(f"trained in {time.perf_counter() - t0:.0f}s; best epoch {result.best_epoch} "
+                 f"(val mAP {result.best_val_map:.2f})")
+    except KeyboardInterrupt:
+        echo(f"interrupted; continue with: mlic train --resume --out {out} (and the same options)", err=True)
+        raise typer.Exit(130) from None
+    if result.bad_images:
+        echo(f"train: skipped {result.bad_images} unreadable images in all (see the lines above)")
     if result.test_metrics is not None:
         import numpy as np
 
         scores_path = Path(out) / "test_scores.npy"
         scores = np.load(scores_path) if scores_path.exists() else None
-        print_metrics(result.test_metrics, train_set.classes, f"test ({len(test_set)} images)")
-        report = write_report(Path(out), f"mlic run {Path(out).name}", result.test_metrics, train_set.classes,
+        unreadable = result.test_metrics.get("unreadable_images", 0)
+        title = f"test ({len(test_set) - unreadable} images" + (f", {unreadable} unreadable skipped)" if unreadable
+                                                               else ")")
+        print_metrics(result.test_metrics, train_set.classes, title)
+        write_report(Path(out), f"mlic run {Path(out).name}", result.test_metrics, train_set.classes,
                               result.history, scores, test_set.targets,
                               notes=[f"model: {model_cfg.backbone} + {model_cfg.head}; loss {cfg.loss}; "
                                      f"best epoch {result.best_epoch}"])
         metrics_json = {k: v for k, v in result.test_metrics.items() if k != "per_class_ap"}
         metrics_json["per_class_ap"] = dict(zip(train_set.classes, map(float, result.test_metrics["per_class_ap"])))
-        (Path(out) / "test_metrics.json").write_text(json.dumps(metrics_json, indent=1))
-        echo(f"outputs: {out}/ (model.safetensors, model.json, metrics.jsonl, test_metrics.json, {report.name})")
+        from mlic.io import atomic_write_bytes
+
+        atomic_write_bytes(Path(out) / "test_metrics.json", json.dumps(metrics_json, indent=1).encode())
+    present = sorted(p.name + ("/" if p.is_dir() else "") for p in Path(out).iterdir() if not p.name.startswith("."))
+    echo(f"outputs: {out}/ ({', '.join(present)})")
 
 
 @app.command("eval")
@@ -273,12 +336,16 @@ def evaluate(
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the metrics to this JSON file.")]
         = None,
     strict_images: Annotated[bool, typer.Option(help="Stop at the first unreadable image.")] = False,
+    max_bad_images: Annotated[str, typer.Option(help="Unreadable images tolerated before the evaluation stops: "
+                                                     "a share (1%, 0.01) or a count (25).")] = "1%",
 ) -> None:
     """Evaluate a saved model: mAP (sklearn-style and VOC-interpolated), CP/CR/CF1/OP/OR/OF1, per-class AP."""
+    from mlic.data.images import BadImageCheck, parse_bad_limit
     from mlic.data.labelset import LabelSet, LabelSetError
     from mlic.engine.checkpoint import load_model
     from mlic.engine.evaluate import evaluate_scores, score_labelset
 
+    bad_limit = parse_bad_limit(max_bad_images)
     model, meta = load_model(checkpoint)
     if data is None:
         from mlic.data.digits import build_multidigits
@@ -297,14 +364,17 @@ def evaluate(
         raise LabelSetError(f"{checkpoint}: the model's {len(meta['classes'])} classes do not match the "
                             f"{labelset.num_classes} classes of {data}; evaluate on data with the same classes")
     cfg = model.config
-    scores, _, bad = score_labelset(model, labelset, cfg.img_size, cfg.mean, cfg.std, next(model.parameters()).device,
-                                    batch_size, workers, strict=strict_images)
+    check = BadImageCheck(split, len(labelset), bad_limit, strict_images)
+    scores, rows, bad = score_labelset(model, labelset, cfg.img_size, cfg.mean, cfg.std,
+                                       next(model.parameters()).device, batch_size, workers, check=check)
     if bad:
         typer.echo(f"skipped {len(bad)} unreadable images, e.g. {bad[0]}")
-    metrics = evaluate_scores(scores, labelset.targets)
-    print_metrics(metrics, labelset.classes, f"{checkpoint} on {len(labelset) - len(bad)} images")
+    metrics = evaluate_scores(scores, labelset.targets, rows=rows)
+    metrics["unreadable_images"] = len(bad)
+    print_metrics(metrics, labelset.classes, f"{checkpoint} on {len(rows)} images"
+                  + (f" ({len(bad)} unreadable skipped)" if bad else ""))
     if json_out:
-        from mlic.data.labelset import atomic_write_bytes
+        from mlic.io import atomic_write_bytes
 
         payload = {k: v for k, v in metrics.items() if k != "per_class_ap"}
         payload["per_class_ap"] = dict(zip(labelset.classes, map(float, metrics["per_class_ap"])))

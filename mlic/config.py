@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -9,6 +10,10 @@ import yaml
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+IMG_SIZES = (16, 4096)
+"""The square input sizes a model may have, smallest and largest."""
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+AUGMENTS = ("none", "light", "randaugment")
 
 
 def check_fields(cls: type, d: dict, what: str) -> dict:
@@ -39,6 +44,13 @@ class ModelConfig:
     """Per-channel mean of the input normalisation (0,0,0 with std 1,1,1 for 'orid_norm')."""
     std: tuple[float, float, float] = IMAGENET_STD
     """Per-channel std of the input normalisation."""
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.img_size, int) and IMG_SIZES[0] <= self.img_size <= IMG_SIZES[1]):
+            raise ValueError(f"--img-size {self.img_size}: choose a whole number of pixels from {IMG_SIZES[0]} "
+                             f"to {IMG_SIZES[1]}")
+        if not (isinstance(self.num_classes, int) and self.num_classes >= 1):
+            raise ValueError(f"num_classes {self.num_classes}: a model needs at least one class")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -92,6 +104,27 @@ class TrainConfig:
     """Learning-rate multiplier of ROLE's label estimator."""
     channels_last: bool = True
     """Use channels-last memory format (faster convolutions on many CPUs and GPUs)."""
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, option: str, rule: str) -> None:
+            if not ok:
+                raise ValueError(f"--{option.replace('_', '-')} {getattr(self, option)!r}: {rule}")
+
+        def number(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        need(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "train for at least 1 epoch")
+        need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "use at least 1 image per step")
+        need(number(self.lr) and self.lr > 0, "lr", "the learning rate must be a positive number")
+        need(number(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "must be 0 or more")
+        need(number(self.pct_start) and 0 <= self.pct_start < 1, "pct_start", "must be in [0, 1)")
+        need(number(self.ema) and 0 <= self.ema < 1, "ema", "the EMA decay must be in [0, 1) (0 disables it)")
+        need(number(self.clip_grad) and self.clip_grad >= 0, "clip_grad", "must be 0 (off) or more")
+        need(self.amp in AMP_MODES, "amp", f"choose one of {', '.join(AMP_MODES)}")
+        need(isinstance(self.workers, int) and self.workers >= 0, "workers", "must be 0 or more")
+        need(isinstance(self.seed, int) and self.seed >= 0, "seed", "must be a whole number, 0 or more")
+        need(self.augment in AUGMENTS, "augment", f"choose one of {', '.join(AUGMENTS)}")
+        need(number(self.estimator_lr_mult) and self.estimator_lr_mult > 0, "estimator_lr_mult", "must be positive")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -21,7 +21,7 @@ import contextlib
 import io
 import json
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 from pycocotools.coco import COCO
@@ -169,6 +169,12 @@ def _check(path: Path, data) -> None:
         raise LabelSetError(f"{path}: field 'categories' is empty")
     category_ids = _check_entries(path, data["categories"], "categories", "category", "name", unique_text=True)
     image_ids = _check_entries(path, data["images"], "images", "image", "file_name", unique_text=False)
+    for i, entry in enumerate(data["images"]):
+        name = str(entry["file_name"])
+        parts = PurePosixPath(name.replace("\\", "/")).parts
+        if not name or name.startswith(("/", "\\")) or PureWindowsPath(name).drive or ".." in parts:
+            raise LabelSetError(f"{path}: field 'images[{i}].file_name': {name!r} leaves the image folder; "
+                                "file names must be relative paths inside it")
     for i, ann in enumerate(data["annotations"]):
         field = f"annotations[{i}]"
         if not isinstance(ann, dict):

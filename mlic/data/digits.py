@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from mlic.data.labelset import LabelSet
+from mlic.io import check_writable, remove_stale, replace_dir, temp_dir_for
 
 CLASSES = [str(d) for d in range(10)]
 CLASS_WEIGHTS = np.array([1.0, 2.6, 1.4, 1.8, 0.7, 0.5, 1.2, 1.0, 0.6, 0.35])
@@ -125,28 +126,37 @@ def build_split(split: str, n: int, spec: DigitsSpec, scans: np.ndarray, scan_la
 def build_multidigits(cache_dir: str | Path | None = None, spec: DigitsSpec | None = None) -> dict[str, LabelSet]:
     """Build (or reuse) MultiDigits; returns {"train", "val", "test"} LabelSets.
 
-    The folder is built under a temporary name and renamed when complete, so an interrupted build
-    never leaves a half data set behind.
+    The folder is built under a temporary name and swapped in when complete, so an interrupted build
+    never leaves a half data set behind; the temporary folders of interrupted builds are removed on
+    the next call.
     """
     from sklearn.datasets import load_digits
 
     spec = spec or DigitsSpec()
+    chosen = "the cache_dir argument" if cache_dir else "MLIC_CACHE" if os.environ.get("MLIC_CACHE") else \
+        "MLIC_CACHE (default ~/.cache/mlic)"
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    final = cache_dir / f"multidigits-{spec.key()}"
+    name = f"multidigits-{spec.key()}"
+    final = cache_dir / name
     if not (final / "done").exists():
+        check_writable(cache_dir, chosen)
+        remove_stale(cache_dir, name)
         digits = load_digits()
         scans, scan_labels = digits.images, digits.target
         split_idx = split_scans(scan_labels, np.random.RandomState(spec.seed))
-        tmp = cache_dir / f".multidigits-{spec.key()}.{os.getpid()}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        for offset, split in enumerate(("train", "val", "test")):
-            n = getattr(spec, split)
-            ls = build_split(split, n, spec, scans, scan_labels, split_idx[split], tmp, offset)
-            ls.save(tmp / split)
-        (tmp / "spec.json").write_text(json.dumps(asdict(spec)))
-        (tmp / "done").write_text("ok\n")
-        if final.exists():  # another process finished first, or a stale folder without 'done'
-            shutil.rmtree(tmp) if (final / "done").exists() else (shutil.rmtree(final), tmp.rename(final))
-        else:
-            tmp.rename(final)
+        tmp = temp_dir_for(final)
+        try:
+            for offset, split in enumerate(("train", "val", "test")):
+                n = getattr(spec, split)
+                ls = build_split(split, n, spec, scans, scan_labels, split_idx[split], tmp, offset)
+                ls.save(tmp / split)
+            (tmp / "spec.json").write_text(json.dumps(asdict(spec)))
+            (tmp / "done").write_text("ok\n")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if (final / "done").exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:  # absent, or a stale folder without 'done'
+            replace_dir(tmp, final)
     return {split: LabelSet.load(final / split) for split in ("train", "val", "test")}

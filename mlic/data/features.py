@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 from mlic.config import IMAGENET_MEAN, IMAGENET_STD
-from mlic.data.images import ImageDataset, build_transform, make_loader, normalize
+from mlic.data.images import BadImageCheck, ImageDataset, build_transform, make_loader, normalize
 from mlic.data.labelset import LabelSet, atomic_write_bytes
 
 FEATURES_FORMAT = 1
@@ -90,7 +90,7 @@ def extract_features(
     labelset: LabelSet, model: nn.Module, path: str | os.PathLike, *, img_size: int | None = None,
     mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None, batch_size: int = 64,
     workers: int = 0, float16: bool = False, device: str | torch.device = "cpu", progress: bool = True,
-    decode_size: int | None = None,
+    decode_size: int | None = None, check: BadImageCheck | None = None,
 ) -> np.ndarray:
     """Pooled backbone features of every image of ``labelset``, cached at ``path`` (a ``.npy``).
 
@@ -107,6 +107,8 @@ def extract_features(
         device: where the backbone runs.
         progress: show a progress bar.
         decode_size: decode JPEGs at reduced scale down to this size (faster; see ``load_image``).
+        check: counts unreadable images (their rows stay zero; :func:`bad_rows` lists them) and stops past
+            its limit; a cached array is checked again from its sidecar.
 
     Returns:
         The features (N, C) as a read-only memory map of ``path``.
@@ -137,6 +139,9 @@ def extract_features(
         except json.JSONDecodeError:
             info = {}
         if info.get("fingerprint") == fingerprint:
+            if check is not None:
+                check.add([b["error"] for b in info.get("bad_rows", [])])
+                check.finish(len(labelset) - check.count)
             return load_features(path)
 
     num_images = len(labelset)
@@ -174,6 +179,8 @@ def extract_features(
                     missing = [r for r in range(done, done + count) if r not in bad_set]
                     out[missing] = 0
                     bad_rows += [{"row": r, "error": msg} for r, msg in zip(missing, bad)]
+                    if check is not None:
+                        check.add(bad)
                 done += count
                 out.flush()
                 _write_marker(marker, fingerprint, num_images, dim, done, bad_rows)
@@ -184,6 +191,8 @@ def extract_features(
             bar[0].stop()
         backbone.train(was_training)
     del out
+    if check is not None:
+        check.finish(num_images - len(bad_rows))
     os.replace(partial, path)
     info = {"fingerprint": fingerprint, "model": model_hash, "num_images": num_images, "dim": dim,
             "labelset_split": labelset.split, "bad_rows": bad_rows, **settings}
@@ -195,3 +204,9 @@ def extract_features(
 def _write_marker(marker: Path, fingerprint: str, num_images: int, dim: int, done: int, bad_rows: list) -> None:
     state = {"fingerprint": fingerprint, "shape": [num_images, dim], "done": done, "bad_rows": bad_rows}
     atomic_write_bytes(marker, json.dumps(state).encode())
+
+
+def bad_rows(path: str | os.PathLike) -> np.ndarray:
+    """Rows of a finished feature cache whose image could not be read (their features are zeros)."""
+    info = json.loads(sidecar_path(path).read_text())
+    return np.array(sorted(b["row"] for b in info.get("bad_rows", [])), dtype=np.int64)

@@ -7,7 +7,9 @@ per batch (:func:`normalize`), on whatever device the batch is on.
 
 A file that cannot be used (missing, truncated, undecodable, a decompression bomb) is reported with
 its path: :class:`ImageDataset` yields ``None`` for it and :func:`collate` drops the row and returns
-the message, so one bad file never stops a long run; ``strict=True`` raises at once instead.
+the message; :class:`BadImageCheck` counts them per split and stops a run past ``--max-bad-images``
+(or at the first with ``--strict-images``). :func:`read_image` is the one path from a file to a model
+input that training, evaluation, feature extraction and prediction share.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from PIL import Image, ImageFile, ImageOps
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torchvision.transforms import v2
 
+from mlic.config import AUGMENTS
 from mlic.data.labelset import LabelSet
 
 try:  # torchvision 0.29 deprecates its decoders for TorchCodec; without them PIL decodes everything
@@ -59,7 +62,7 @@ def _draft_scale(size: tuple[int, int], min_size: int | None) -> int:
     if not min_size:
         return 1
     ratio = min(size[0] // min_size, size[1] // min_size)
-    return next(s for s in (8, 4, 2, 1) if ratio >= s)
+    return next((s for s in (8, 4, 2) if ratio >= s), 1)  # a side already below min_size: full scale
 
 
 def _decode_pil(img: Image.Image, min_size: int | None) -> Image.Image:
@@ -158,9 +161,6 @@ class Cutout:
         return f"Cutout(factor={self.factor})"
 
 
-AUGMENTS = ("none", "light", "randaugment")
-
-
 def build_transform(img_size: int, train: bool, augment: str = "light", hflip: bool = True) -> v2.Compose:
     """Image (PIL RGB, or uint8 tensor (3, H, W)) -> uint8 tensor (3, img_size, img_size).
 
@@ -211,27 +211,25 @@ class ImageDataset(Dataset):
     """Rows of a LabelSet as (uint8 image (3, S, S), int8 targets (K,), index, error message or None).
 
     A file that cannot be decoded yields ``None`` in place of the image and the :class:`ImageError`
-    message (starting with the path) when ``strict`` is off; :func:`collate` drops such rows and
-    returns the messages. With ``strict`` on, the error is raised at once.
+    message (starting with the path); :func:`collate` drops such rows and returns the messages, and the
+    consumer of the loader decides (:class:`BadImageCheck`): skip and count, or stop. Errors are never
+    raised inside a loader worker, where they would arrive wrapped in a worker traceback.
 
     Args:
         labelset: images and labels.
         transform: image -> uint8 tensor (3, S, S), e.g. :func:`build_transform`. It gets a PIL RGB image,
             or a uint8 tensor (3, H, W) when it has ``tensor_input = True`` (faster: no PIL round trip).
         targets: (N, K) labels to return; default ``labelset.train_targets``.
-        strict: raise on the first bad file instead of skipping it.
         decode_size: reduced-scale JPEG decoding down to this size; default the transform's
             ``decode_size`` (set by :func:`build_transform`), else full-size decoding.
     """
 
-    def __init__(self, labelset: LabelSet, transform, targets: np.ndarray | None = None, strict: bool = False,
+    def __init__(self, labelset: LabelSet, transform, targets: np.ndarray | None = None,
                  decode_size: int | None = None) -> None:
         self.labelset = labelset
         self.transform = transform
         self.targets = labelset.train_targets if targets is None else targets
-        self.strict = strict
-        self.decode_size = decode_size if decode_size is not None else getattr(transform, "decode_size", None)
-        self.decode = decode_image if getattr(transform, "tensor_input", False) else load_image
+        self.decode_size = decode_size
 
     def __len__(self) -> int:
         return len(self.labelset)
@@ -239,12 +237,77 @@ class ImageDataset(Dataset):
     def __getitem__(self, i: int):
         target = torch.from_numpy(np.array(self.targets[i], dtype=np.int8))
         try:
-            img = self.decode(self.labelset.path(i), self.decode_size)
+            img = read_image(self.labelset.path(i), self.transform, self.decode_size)
         except ImageError as e:
-            if self.strict:
-                raise
             return None, target, i, str(e)
-        return self.transform(img), target, i, None
+        return img, target, i, None
+
+
+def read_image(path: str | Path, transform, decode_size: int | None = None) -> torch.Tensor:
+    """The one path from a file to a model input, shared by training, evaluation, features and prediction.
+
+    Decodes ``path`` (reduced-scale JPEG decoding down to ``decode_size``, default the transform's
+    ``decode_size``) and applies ``transform``: a uint8 tensor (3, S, S) for :func:`build_transform`.
+
+    Raises:
+        ImageError: the file cannot be used; the message starts with the path.
+    """
+    size = decode_size if decode_size is not None else getattr(transform, "decode_size", None)
+    if getattr(transform, "tensor_input", False):
+        return transform(decode_image(path, size))
+    return transform(load_image(path, size))
+
+
+def parse_bad_limit(text: str | float | int) -> float:
+    """``--max-bad-images``: "1%" or "0.01" (a share of the split, < 1) or "25" (a count, ≥ 1)."""
+    raw = str(text).strip()
+    try:
+        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError:
+        value = -1.0
+    if not (value >= 0 and math.isfinite(value)) or (value >= 1 and not value.is_integer()):
+        raise ValueError(f"--max-bad-images {text!r}: write a share like 1% or 0.01, or a count like 25")
+    return value
+
+
+class BadImageCheck:
+    """Counts a split's unreadable images and stops the run when they pass the limit.
+
+    Args:
+        split: the split's name, for messages ("train", "val", "test", ...).
+        total: images in the split.
+        limit: a share of ``total`` (< 1) or a count (≥ 1) of unreadable images tolerated
+            (:func:`parse_bad_limit`); the default 0.01 is 1 %.
+        strict: stop at the first unreadable image.
+    """
+
+    def __init__(self, split: str, total: int, limit: float = 0.01, strict: bool = False) -> None:
+        self.split, self.total, self.limit, self.strict = split, total, limit, strict
+        self.allowed = 0 if strict else int(limit) if limit >= 1 else int(limit * total)
+        self.messages: list[str] = []
+
+    def add(self, messages: list[str]) -> None:
+        """Record the messages of a batch's dropped rows; raises once the limit is passed."""
+        self.messages += messages
+        if not messages:
+            return
+        if self.strict:
+            raise ImageError(f"{messages[0]} (stopped by --strict-images; drop it for skipping and counting)")
+        if len(self.messages) > self.allowed:
+            shown = f"{self.limit:g}" if self.limit >= 1 else f"{self.limit * 100:g}%"
+            raise ImageError(f"{self.split}: more than {self.allowed} of {self.total} images are unreadable "
+                             f"(--max-bad-images {shown}), e.g. {self.messages[0]}; repair or remove those files, "
+                             "or raise --max-bad-images")
+
+    def finish(self, readable: int) -> None:
+        """After a full pass: a split with no readable image is an error whatever the limit."""
+        if readable == 0:
+            example = f", e.g. {self.messages[0]}" if self.messages else ""
+            raise ImageError(f"{self.split}: none of its {self.total} images could be read{example}")
+
+    @property
+    def count(self) -> int:
+        return len(self.messages)
 
 
 def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:

@@ -15,44 +15,20 @@ On disk a LabelSet is a directory::
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from mlic.io import atomic_save_npy, atomic_write_bytes  # noqa: F401  (re-exported for the readers)
 
 FORMAT_VERSION = 1
 
 
 class LabelSetError(ValueError):
     """A LabelSet is malformed; the message names the file or field and the fix."""
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old or the new file, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
-    """``np.save`` through :func:`atomic_write_bytes`."""
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array))
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 def check_targets(targets: np.ndarray, name: str = "targets") -> np.ndarray:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,11 +32,12 @@ import numpy as np
 
 from mlic.data.coco import read_coco_splits
 from mlic.data.cub import read_cub
-from mlic.data.labelset import LabelSet
+from mlic.data.labelset import LabelSet, LabelSetError
 from mlic.data.nuswide import read_nuswide
 from mlic.data.observe import observe as draw_observed
 from mlic.data.table import read_table
 from mlic.data.voc import find_voc, read_voc
+from mlic.io import remove_stale, replace_dir, temp_dir_for
 
 
 def _coco(root: Path, order: str = "all", year: str = "2014") -> dict[str, LabelSet]:
@@ -140,12 +142,36 @@ def prepare(kind: str, root: str | os.PathLike, out: str | os.PathLike, observe:
     record = {"kind": kind, "root": str(root), "observe": observe, "seed": seed, "val_fraction": val_fraction,
               "options": json.loads(json.dumps(options, default=str))}
     out = Path(out)
-    written: dict[str, Path] = {}
-    for split, labelset in sets.items():
-        labelset.meta = {**labelset.meta, "source_split": labelset.split, "prepare": record}
-        labelset.split = split
-        written[split] = labelset.save(out / split)
-    return written
+    check_replaceable(out)
+    remove_stale(out.parent, out.name)
+    tmp = temp_dir_for(out)  # built beside out, so the relative image root stays right after the swap
+    try:
+        for split, labelset in sets.items():
+            labelset.meta = {**labelset.meta, "source_split": labelset.split, "prepare": record}
+            labelset.split = split
+            labelset.save(tmp / split)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {split: out / split for split in sets}
+
+
+def check_replaceable(out: Path) -> None:
+    """``out`` may be (re)written as a whole: absent, empty, or a prepared folder (LabelSet folders only).
+
+    Raises:
+        LabelSetError: ``out`` holds anything else, which replacing it would delete.
+    """
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise LabelSetError(f"{out}: --out is a file; give a folder for the prepared data")
+    others = [p.name for p in out.iterdir()
+              if not p.name.startswith(".") and not (p.is_dir() and (p / "labelset.json").is_file())]
+    if others:
+        raise LabelSetError(f"{out}: holds {', '.join(sorted(others)[:3])}, not only prepared splits; --out is "
+                            "replaced as a whole, so choose a new or empty folder")
 
 
 def _carve_validation(sets: dict[str, LabelSet], fraction: float, seed: int) -> dict[str, LabelSet]:

@@ -19,7 +19,12 @@ from safetensors.torch import load_file, save
 
 from mlic import __version__
 from mlic.config import ModelConfig
-from mlic.data.labelset import atomic_write_bytes
+from mlic.data.labelset import LabelSet
+from mlic.io import UnsafeFileError, atomic_write_bytes, check_writable, load_torch_weights
+
+RUN_FILES = ("model.safetensors", "model.json", "last.pt", "metrics.jsonl", "test_metrics.json", "test_scores.npy",
+             "report.md", "training.png", "per_class_ap.png", "pr_curves.png", "estimated_labels.npy", "features")
+"""What a run writes into its folder: a folder holding model.json, last.pt or metrics.jsonl holds a run."""
 
 
 class CheckpointError(ValueError):
@@ -115,7 +120,58 @@ def save_state(path: str | Path, state: dict) -> None:
 def load_state(path: str | Path) -> dict:
     """Read resume state written by :func:`save_state`, refusing anything but tensors and containers."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{path}: cannot read resume state ({type(e).__name__}); "
-                              "delete it to start over") from None
+        return load_torch_weights(path)
+    except UnsafeFileError as e:
+        raise CheckpointError(f"{e}; delete it to start the run over") from None
+
+
+def claim_run_dir(out: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
+    """Make ``out`` ready for a run: refuse to train over an earlier run by surprise, prove it is writable.
+
+    A folder that holds a run (model.json, last.pt or metrics.jsonl) is continued with ``resume``, or
+    cleared of the run's files (:data:`RUN_FILES`, nothing else) with ``overwrite``; otherwise refused.
+
+    Raises:
+        CheckpointError: ``out`` holds a run and neither option was given (the message names both).
+        OSError: ``out`` cannot be created or written (checked with a real write, before any training).
+    """
+    import shutil
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: --out is a file; give a folder for the run")
+    holds_run = any((out / name).exists() for name in ("model.json", "last.pt", "metrics.jsonl"))
+    if resume and overwrite:
+        raise CheckpointError("--resume and --overwrite contradict each other; choose one")
+    if holds_run and not resume:
+        if not overwrite:
+            raise CheckpointError(f"{out}: holds a run already; continue it with --resume, replace it with "
+                                  "--overwrite, or choose another --out")
+        for name in RUN_FILES:
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    return check_writable(out, "--out")
+
+
+def labelset_fingerprint(labelset: LabelSet) -> str:
+    """A short hash of a LabelSet's classes, image paths and training targets: "same data" for resume."""
+    import hashlib
+
+    h = hashlib.sha1()
+    h.update(json.dumps([labelset.classes, labelset.image_paths]).encode())
+    h.update(np.ascontiguousarray(labelset.train_targets).tobytes())
+    return h.hexdigest()[:16]
+
+
+def settings_differences(saved: dict, current: dict) -> list[str]:
+    """Human-readable differences between two run settings ({"model": …, "train": …, "data": …})."""
+    out = []
+    for section in ("model", "train", "data"):
+        old, new = saved.get(section, {}), current.get(section, {})
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                if section == "data":
+                    out.append(f"the {key} data (images or labels) differ")
+                else:
+                    out.append(f"{key.replace('_', '-')} was {old.get(key)!r}, now {new.get(key)!r}")
+    return out

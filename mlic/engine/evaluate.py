@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from mlic.data.images import ImageDataset, build_transform, make_loader, normalize
+from mlic.data.images import BadImageCheck, ImageDataset, build_transform, make_loader, normalize
 from mlic.data.labelset import LabelSet
 from mlic.metrics import metrics_table
 
@@ -29,12 +29,19 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 
 @torch.no_grad()
 def predict_loader(model: torch.nn.Module, loader: Iterable, mean, std, device: torch.device,
-                   amp_dtype: torch.dtype | None = None, progress=None) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Sigmoid scores (N, K) float32 of every decodable row, their dataset indices (N,), and bad-file messages."""
+                   amp_dtype: torch.dtype | None = None, progress=None,
+                   check: BadImageCheck | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Sigmoid scores (N, K) float32 of every decodable row, their dataset indices (N,), and bad-file messages.
+
+    ``check`` counts the unreadable rows as they come (and stops past its limit) and refuses a pass that
+    read no image at all.
+    """
     model.eval()
     scores, indices, bad = [], [], []
     for images, _, idx, errors in loader:
         bad += errors
+        if check is not None:
+            check.add(errors)
         if len(idx):
             x = normalize(images.to(device, non_blocking=True), mean, std)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -43,6 +50,8 @@ def predict_loader(model: torch.nn.Module, loader: Iterable, mean, std, device: 
             indices.append(idx)
         if progress is not None:
             progress()
+    if check is not None:
+        check.finish(sum(len(i) for i in indices))
     if not scores:
         return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), bad
     return torch.cat(scores).numpy(), torch.cat(indices).numpy(), bad
@@ -50,20 +59,38 @@ def predict_loader(model: torch.nn.Module, loader: Iterable, mean, std, device: 
 
 def score_labelset(model: torch.nn.Module, labelset: LabelSet, img_size: int, mean, std, device: torch.device,
                    batch_size: int = 128, workers: int = 0, amp_dtype: torch.dtype | None = None,
-                   strict: bool = False, loader: DataLoader | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Scores (N, K) for a LabelSet; rows of undecodable images are NaN (and listed in the messages)."""
+                   check: BadImageCheck | None = None,
+                   loader: DataLoader | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Scores (N, K) for a LabelSet; rows of undecodable images are NaN; returns (scores, readable rows, messages).
+
+    ``check`` defaults to the usual limit (1 % of the split unreadable, and at least one readable image).
+    """
     if loader is None:
-        dataset = ImageDataset(labelset, build_transform(img_size, train=False), targets=labelset.targets,
-                               strict=strict)
+        dataset = ImageDataset(labelset, build_transform(img_size, train=False), targets=labelset.targets)
         loader = make_loader(dataset, batch_size, workers=workers)
-    scores, idx, bad = predict_loader(model, loader, mean, std, device, amp_dtype)
+    check = check or BadImageCheck(labelset.split or "data", len(labelset))
+    scores, idx, bad = predict_loader(model, loader, mean, std, device, amp_dtype, check=check)
     full = np.full((len(labelset), labelset.num_classes), np.nan, dtype=np.float32)
     if len(idx):
         full[idx] = scores
     return full, idx, bad
 
 
-def evaluate_scores(scores: np.ndarray, targets: np.ndarray, threshold=0.5) -> dict:
-    """The metrics table over rows that have scores (NaN rows are images that could not be read)."""
-    keep = ~np.isnan(scores).any(axis=1)
-    return metrics_table(scores[keep], np.asarray(targets)[keep], threshold=threshold)
+class DivergedError(ValueError):
+    """A model produced scores that are not finite."""
+
+
+def evaluate_scores(scores: np.ndarray, targets: np.ndarray, threshold=0.5, rows: np.ndarray | None = None) -> dict:
+    """The metrics table of ``scores`` (N, K) against ``targets`` (N, K), over ``rows`` only when given.
+
+    Pass the readable rows of :func:`score_labelset`; a non-finite score among them means the model
+    diverged, which is an error, not a row to drop.
+    """
+    targets = np.asarray(targets)
+    if rows is not None:
+        scores, targets = scores[rows], targets[rows]
+    if not np.isfinite(scores).all():
+        bad = int((~np.isfinite(scores)).any(axis=1).sum())
+        raise DivergedError(f"the model's scores are not finite for {bad} of {len(scores)} images: training "
+                            "diverged; train again with a lower --lr or with --amp off")
+    return metrics_table(scores, targets, threshold=threshold)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mlic.data.images import ImageError, build_transform, load_image, normalize
+from mlic.data.images import ImageError, build_transform, normalize, read_image
 from mlic.engine.checkpoint import load_model
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -54,14 +54,14 @@ class Predictor:
         self.thresholds = np.asarray(self.meta.get("thresholds") or [0.5] * len(self.classes), dtype=np.float64)
         self.transform = build_transform(self.config.img_size, train=False)
 
-    def tensor(self, images: list[Image.Image]) -> torch.Tensor:
-        """PIL images -> normalised (B, 3, S, S) batch on the model's device."""
+    def tensor(self, images: list[Image.Image | torch.Tensor]) -> torch.Tensor:
+        """PIL images or transformed uint8 tensors -> normalised (B, 3, S, S) batch on the model's device."""
         batch = torch.stack([self.transform(im) for im in images]).to(self.device)
         return normalize(batch, self.config.mean, self.config.std)
 
     @torch.no_grad()
-    def scores(self, images: list[Image.Image]) -> np.ndarray:
-        """Sigmoid scores (B, K) for RGB PIL images."""
+    def scores(self, images: list[Image.Image | torch.Tensor]) -> np.ndarray:
+        """Sigmoid scores (B, K) for RGB PIL images (or uint8 tensors from :func:`read_image`)."""
         return torch.sigmoid(self.model(self.tensor(images)).float()).cpu().numpy()
 
     def labels(self, scores: np.ndarray, threshold: float | None = None, top_k: int | None = None):
@@ -80,7 +80,7 @@ class Predictor:
             images, good = [], []
             for p in chunk:
                 try:
-                    images.append(load_image(p, self.config.img_size))
+                    images.append(read_image(p, self.transform))  # the decode training and eval use
                     good.append(p)
                 except ImageError as e:
                     out.append(Prediction(str(p), np.full(len(self.classes), np.nan), [], str(e)))

@@ -24,10 +24,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
 from mlic.config import ModelConfig, TrainConfig
-from mlic.data.images import ImageDataset, build_transform, make_loader, normalize
+from mlic.data.images import BadImageCheck, ImageDataset, build_transform, make_loader, normalize
 from mlic.data.labelset import LabelSet, atomic_write_bytes
 from mlic.engine import dist
-from mlic.engine.checkpoint import load_state, save_model, save_state
+from mlic.engine.checkpoint import labelset_fingerprint, load_state, save_model, save_state, settings_differences
 from mlic.engine.evaluate import autocast_dtype, evaluate_scores, predict_loader
 from mlic.losses import build_loss
 from mlic.metrics import best_thresholds
@@ -123,7 +123,7 @@ class RunResult:
 def train(
     model_cfg: ModelConfig, cfg: TrainConfig, train_set: LabelSet, val_set: LabelSet, out_dir: str | Path,
     test_set: LabelSet | None = None, resume: bool = False, pretrained: str | None = None,
-    strict_images: bool = False, log=print, progress: bool = True,
+    strict_images: bool = False, log=print, progress: bool = True, max_bad_images: float = 0.01,
 ) -> RunResult:
     """Train a classifier, keeping the best epoch by validation mAP (clean labels), and evaluate it on test.
 
@@ -137,6 +137,8 @@ def train(
         resume: continue from ``out_dir/last.pt``.
         pretrained: local backbone weight file.
         strict_images: fail at the first unreadable image instead of skipping it.
+        max_bad_images: unreadable images tolerated per split, a share (< 1) or a count (≥ 1); more stops the
+            run (:class:`BadImageCheck`), as does a split with no readable image.
         log: where to print lines (rank 0 only).
         progress: show progress bars.
     """
@@ -161,13 +163,11 @@ def train(
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
     net = DistributedDataParallel(model) if world > 1 else model
 
-    train_data = ImageDataset(train_set, build_transform(model_cfg.img_size, True, cfg.augment, cfg.hflip),
-                              strict=strict_images)
+    train_data = ImageDataset(train_set, build_transform(model_cfg.img_size, True, cfg.augment, cfg.hflip))
     sampler = DistributedSampler(train_data, shuffle=True, seed=cfg.seed) if world > 1 else None
     train_loader = make_loader(train_data, cfg.batch_size, shuffle=True, workers=cfg.workers, sampler=sampler,
                                drop_last=len(train_data) > cfg.batch_size, seed=cfg.seed)
-    val_data = ImageDataset(val_set, build_transform(model_cfg.img_size, False), targets=val_set.targets,
-                            strict=strict_images)
+    val_data = ImageDataset(val_set, build_transform(model_cfg.img_size, False), targets=val_set.targets)
     val_loader = make_loader(val_data, cfg.batch_size * 2, workers=cfg.workers)
 
     optimizer = torch.optim.AdamW(param_groups(model, loss_fn, cfg), lr=cfg.lr)
@@ -184,11 +184,14 @@ def train(
 
     start_epoch, best_map, best_epoch, history, bad_total = 0, -math.inf, -1, [], 0
     state_path = out_dir / "last.pt"
+    settings = {"model": model_cfg.to_dict(), "train": {k: v for k, v in cfg.to_dict().items() if k != "workers"},
+                "data": {"train": labelset_fingerprint(train_set), "val": labelset_fingerprint(val_set)}}
     if resume and state_path.exists():
         state = load_state(state_path)
-        if int(state.get("epochs", cfg.epochs)) != cfg.epochs:
-            raise TrainingError(f"{state_path}: the run was started with {state['epochs']} epochs, not {cfg.epochs}; "
-                                "resume with the same settings or start a new --out")
+        changed = settings_differences(json.loads(state.get("settings", "{}")), settings)
+        if changed:
+            raise TrainingError(f"{state_path}: --resume needs the run's own settings, but {'; '.join(changed)}; "
+                                "resume with the same settings or choose another --out")
         model.load_state_dict(state["model"])
         loss_fn.load_state_dict(state["loss"])
         optimizer.load_state_dict(state["optimizer"])
@@ -211,10 +214,11 @@ def train(
             sampler.set_epoch(epoch)
         net.train()
         loss_fn.train()
-        total, seen, skipped_steps, bad_epoch, bad_run = 0.0, 0, 0, [], 0
+        total, seen, skipped_steps, bad_run = 0.0, 0, 0, 0
+        train_check = BadImageCheck("train", len(train_set), max_bad_images, strict_images)
         bar = progress_bar(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", enabled=progress and main)
-        for images, targets, indices, errors in train_loader:
-            bad_epoch += errors
+        for step, (images, targets, indices, errors) in enumerate(train_loader, 1):
+            train_check.add(errors)
             if len(indices) == 0:
                 bar.advance()
                 continue
@@ -228,8 +232,9 @@ def train(
                 bad_run += 1
                 optimizer.zero_grad(set_to_none=True)
                 if bad_run >= 10:
-                    raise TrainingError(f"the loss was not finite for 10 steps in a row (epoch {epoch + 1}); "
-                                        "lower --lr or use --amp off")
+                    raise TrainingError(f"the loss was not finite for 10 steps in a row (epoch {epoch + 1}, steps "
+                                        f"{step - 9}-{step} of {steps_per_epoch}); train again with a lower --lr "
+                                        "or with --amp off")
                 bar.advance()
                 continue
             bad_run = 0
@@ -247,19 +252,27 @@ def train(
             seen += len(indices)
             bar.advance(f"loss {total / max(seen, 1):.4f}")
         bar.close()
+        if seen == 0 and skipped_steps:
+            raise TrainingError(f"the loss was not finite at any step of epoch {epoch + 1}; train again with a "
+                                "lower --lr or with --amp off")
+        train_check.finish(seen)
         train_time = time.perf_counter() - t0
 
         eval_model = ema.module if ema is not None else model
-        scores, idx, bad_val = predict_loader(eval_model, val_loader, mean, std, device, amp_dtype)
+        val_check = BadImageCheck("val", len(val_set), max_bad_images, strict_images)
+        scores, idx, _ = predict_loader(eval_model, val_loader, mean, std, device, amp_dtype, check=val_check)
         if world > 1:  # every rank scored the whole val set; keep rank 0's figures
             dist.barrier()
-        val = evaluate_scores(scores, np.asarray(val_set.targets)[idx]) if len(idx) else {"mAP": float("nan")}
+        try:
+            val = evaluate_scores(scores, np.asarray(val_set.targets)[idx])
+        except ValueError as e:
+            raise TrainingError(f"after epoch {epoch + 1}: {e}") from None
         record = {"epoch": epoch + 1, "train_loss": total / max(seen, 1), "val_mAP": val["mAP"],
                   "val_CF1": val.get("CF1"), "val_OF1": val.get("OF1"), "lr": scheduler.get_last_lr()[0],
                   "train_s": round(train_time, 2), "epoch_s": round(time.perf_counter() - t0, 2),
-                  "bad_images": len(bad_epoch), "skipped_steps": skipped_steps}
+                  "bad_images": train_check.count, "val_bad_images": val_check.count, "skipped_steps": skipped_steps}
         history.append(record)
-        bad_total += len(bad_epoch)
+        bad_total += train_check.count
         improved = val["mAP"] > best_map
         if improved:
             best_map, best_epoch = val["mAP"], epoch + 1
@@ -275,10 +288,12 @@ def train(
                 "ema": ema.module.state_dict() if ema is not None else None,
                 "ema_updates": ema.updates if ema is not None else 0, "epoch": epoch, "best_map": best_map,
                 "best_epoch": best_epoch, "history": json.dumps(history), "torch_rng": torch.get_rng_state(),
-                "epochs": cfg.epochs,
+                "settings": json.dumps(settings),
             })
-            if bad_epoch:
-                say(f"epoch {epoch + 1}: skipped {len(bad_epoch)} unreadable images, e.g. {bad_epoch[0]}")
+            for check in (train_check, val_check):
+                if check.count:
+                    say(f"epoch {epoch + 1}: {check.split}: skipped {check.count} unreadable images, "
+                        f"e.g. {check.messages[0]}")
             say(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {record['train_loss']:.4f}  val mAP {val['mAP']:6.2f}"
                 f"{'  *' if improved else ''}  ({record['epoch_s']:.1f}s)")
         dist.barrier()
@@ -289,9 +304,13 @@ def train(
         from mlic.engine.evaluate import score_labelset
 
         best, _ = load_model(out_dir, device)
-        scores, _, bad = score_labelset(best, test_set, model_cfg.img_size, mean, std, device, cfg.batch_size * 2,
-                                        cfg.workers, amp_dtype, strict_images)
-        test_metrics = evaluate_scores(scores, test_set.targets)
+        test_check = BadImageCheck("test", len(test_set), max_bad_images, strict_images)
+        scores, idx, _ = score_labelset(best, test_set, model_cfg.img_size, mean, std, device, cfg.batch_size * 2,
+                                        cfg.workers, amp_dtype, test_check)
+        test_metrics = evaluate_scores(scores, test_set.targets, rows=idx)
+        test_metrics["unreadable_images"] = test_check.count
+        if test_check.count:
+            say(f"test: skipped {test_check.count} unreadable images, e.g. {test_check.messages[0]}")
         np.save(out_dir / "test_scores.npy", scores)
     dist.barrier()
     return RunResult(out_dir, best_epoch, best_map, test_metrics, history, bad_total)

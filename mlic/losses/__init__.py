@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 from torch import nn
 
+from mlic.registry import check_arguments
+
 LOSSES: dict[str, type[nn.Module]] = {}
 
 
@@ -31,6 +33,7 @@ def build_loss(name: str, **kwargs) -> nn.Module:
     key = name.lower().replace("-", "_")
     if key not in LOSSES:
         raise ValueError(f"unknown loss '{name}'; choose one of: {', '.join(sorted(LOSSES))}")
+    check_arguments(LOSSES[key], kwargs, f"loss '{key}'", "--loss-arg")
     return LOSSES[key](**kwargs)
 
 

@@ -14,6 +14,8 @@ import timm
 import torch
 from torch import nn
 
+from mlic.io import UnsafeFileError, load_torch_weights
+
 BACKBONES: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -41,15 +43,18 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: weight file not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             return load_file(str(path))
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any decoding failure becomes one clear line
-        reason = str(e).splitlines()[0][:200] if str(e) else ""
-        raise WeightsError(f"{path}: cannot read weights ({type(e).__name__}: {reason})") from None
+        except Exception as e:  # noqa: BLE001 - any decoding failure becomes one clear line
+            reason = str(e).splitlines()[0][:200] if str(e) else ""
+            raise WeightsError(f"{path}: not a readable safetensors file ({type(e).__name__}: {reason})") from None
+    try:
+        obj = load_torch_weights(path)
+    except UnsafeFileError as e:
+        raise WeightsError(str(e)) from None
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

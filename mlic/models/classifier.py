@@ -10,6 +10,7 @@ from torch import nn
 from mlic.config import ModelConfig
 from mlic.models.backbones import build_backbone
 from mlic.models.heads import HEADS
+from mlic.registry import check_arguments
 
 
 class Classifier(nn.Module):
@@ -33,6 +34,7 @@ def build_model(config: ModelConfig, pretrained: str | Path | None = None) -> Cl
     """Build the classifier a config describes; ``pretrained`` is a local backbone weight file."""
     if config.head not in HEADS:
         raise ValueError(f"unknown head '{config.head}'; choose one of: {', '.join(sorted(HEADS))}")
+    check_arguments(HEADS[config.head], config.head_args, f"head '{config.head}'", "--head-arg", skip=2)
     backbone = build_backbone(config.backbone, pretrained=pretrained, **config.backbone_args)
     head = HEADS[config.head](backbone.num_channels, config.num_classes, **config.head_args)
     return Classifier(backbone, head, config)

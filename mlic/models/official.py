@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,6 +31,7 @@ from pathlib import Path
 import torch
 
 from mlic.config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
+from mlic.io import UnsafeFileError, load_torch_weights
 from mlic.models.backbones import WeightsError, strip_prefixes
 from mlic.models.classifier import Classifier, build_model
 from mlic.models.heads import sine_position_encoding
@@ -115,16 +115,9 @@ def read_official_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise OfficialCheckpointError(f"{path}: checkpoint not found")
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()
-        hint = next((line.strip() for line in first if "GLOBAL" in line or "Unsupported" in line), first[0][:200])
-        raise OfficialCheckpointError(f"{path}: refused to load: it holds objects other than tensors and plain "
-                                      f"containers ({hint}); only weight files are accepted") from None
-    except Exception as e:  # noqa: BLE001 - any decoding failure becomes one clear line
-        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise OfficialCheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {msg})") from None
+        obj = load_torch_weights(path, _safe_globals())
+    except UnsafeFileError as e:
+        raise OfficialCheckpointError(str(e)) from None
     for key in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]

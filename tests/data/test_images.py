@@ -12,6 +12,7 @@ import torch
 from PIL import Image, ImageFile
 
 from mlic.data.images import (
+    BadImageCheck,
     Cutout,
     ImageDataset,
     ImageError,
@@ -21,6 +22,7 @@ from mlic.data.images import (
     load_image,
     make_loader,
     normalize,
+    parse_bad_limit,
 )
 from mlic.data.labelset import LabelSet
 
@@ -207,9 +209,48 @@ def test_bad_files_skipped_counted_or_strict(bad_files):
     assert indices.tolist() == [names.index("good.jpg")]
     assert len(bad) == len(names) - 1
     assert all(any(m.startswith(str(bad_files[n])) for m in bad) for n in names if n != "good.jpg")
-    strict = ImageDataset(labelset, build_transform(32, train=False), strict=True)
-    with pytest.raises(ImageError, match="truncated.jpg"):
-        strict[names.index("truncated.jpg")]
+
+
+def test_bad_image_check_share_count_strict_and_empty():
+    check = BadImageCheck("train", 1000, 0.01)  # 1 %: 10 tolerated
+    check.add(["a.jpg: truncated"] * 10)
+    assert check.count == 10
+    with pytest.raises(ImageError, match=r"^train: more than 10 of 1000 images are unreadable \(--max-bad-images 1%\)"):
+        check.add(["b.jpg: truncated"])
+    counted = BadImageCheck("val", 1000, 3)
+    counted.add(["x"] * 3)
+    with pytest.raises(ImageError, match="more than 3 of 1000"):
+        counted.add(["y"])
+    with pytest.raises(ImageError, match=r"^c.jpg: cannot decode .*--strict-images"):
+        BadImageCheck("test", 1000, 0.5, strict=True).add(["c.jpg: cannot decode image"])
+    empty = BadImageCheck("test", 2, 5)
+    empty.add(["d.jpg: image not found", "e.jpg: image not found"])
+    with pytest.raises(ImageError, match="test: none of its 2 images could be read, e.g. d.jpg"):
+        empty.finish(0)
+    BadImageCheck("test", 0).finish(1)  # something was read: fine
+
+
+@pytest.mark.parametrize("text, value", [("1%", 0.01), ("0.01", 0.01), ("25", 25.0), ("0", 0.0), ("2.5%", 0.025)])
+def test_parse_bad_limit(text, value):
+    assert parse_bad_limit(text) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("text", ["-1", "2.5", "lots", "nan", "%"])
+def test_parse_bad_limit_refuses(text):
+    with pytest.raises(ValueError, match="--max-bad-images"):
+        parse_bad_limit(text)
+
+
+def test_strict_with_workers_is_one_line(bad_files):
+    names = ["good.jpg", "truncated.jpg", "good.jpg", "good.jpg"]
+    labelset = LabelSet(["a"], names, np.ones((4, 1), np.int8), root=str(bad_files["good.jpg"].parent))
+    loader = make_loader(ImageDataset(labelset, build_transform(32, train=False)), batch_size=2, workers=2)
+    check = BadImageCheck("train", 4, strict=True)
+    with pytest.raises(ImageError) as err:
+        for *_, messages in loader:
+            check.add(messages)
+    assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
+    assert str(err.value).startswith(str(bad_files["truncated.jpg"]))
 
 
 def test_collate_all_bad():

@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -46,5 +47,9 @@ def test_state_refuses_arbitrary_objects(tmp_path):
     assert load_state(tmp_path / "s.pt")["epoch"] == 3
 
     torch.save({"x": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(CheckpointError, match="evil.pt: cannot read resume state"):
+    with pytest.raises(CheckpointError, match=r"evil.pt: refused: it holds [\w.]*Evil, not only tensors") as err:
         load_state(tmp_path / "evil.pt")
+    assert "weights_only" not in str(err.value) and "\n" not in str(err.value)  # never PyTorch's advice
+    (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(CheckpointError, match="random.pt: not a checkpoint"):
+        load_state(tmp_path / "random.pt")

@@ -46,7 +46,7 @@ def test_resume_continues_after_a_crash(tiny_digits, tmp_path):
     assert any("resumed" in line for line in lines)
     assert [h["epoch"] for h in result.history] == [1, 2]
     assert result.history[0] == first
-    with pytest.raises(TrainingError, match="started with 2 epochs, not 3"):
+    with pytest.raises(TrainingError, match="--resume needs the run's own settings, but epochs was 2, now 3"):
         train(cfg, quick(epochs=3), splits["train"], splits["val"], out, resume=True, progress=False)
 
 

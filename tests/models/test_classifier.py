@@ -42,7 +42,7 @@ def test_local_weights_load_strictly(tmp_path):
     with pytest.raises(WeightsError, match="r18.safetensors: weights do not fit"):
         build_backbone("resnet34", pretrained=tmp_path / "r18.safetensors")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(WeightsError, match="junk.pth: cannot read weights"):
+    with pytest.raises(WeightsError, match="junk.pth: not a checkpoint"):
         build_backbone("resnet18", pretrained=tmp_path / "junk.pth")
 
 

@@ -1,0 +1,165 @@
+"""Atomic writes of files and folders, used by every writer in mlic.
+
+Readers see either the old or the new version, never half of one: a file is written under a
+temporary name in the same folder, flushed and renamed over the target; a folder is built beside
+its target and swapped in. Files get the permissions the user's umask gives (not ``mkstemp``'s
+0600). Temporary names start with a dot and end in ``.tmp``; :func:`remove_stale` clears those
+an interrupted process left behind.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old or the new file, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    """``np.save`` through :func:`atomic_write_bytes`."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array))
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def temp_dir_for(final: str | os.PathLike) -> Path:
+    """A new, empty folder beside ``final`` to build it in (``.<name>.<pid>-<random>.tmp``)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    tmp.mkdir()
+    return tmp
+
+
+def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Swap the finished folder ``tmp`` in as ``final``, replacing whatever ``final`` held, as a whole.
+
+    The old folder is renamed aside first and removed only after the new one is in place, so at every
+    moment ``final`` is either the complete old folder or the complete new one.
+    """
+    tmp, final = Path(tmp), Path(final)
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.old.tmp"
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(folder: str | os.PathLike, name: str) -> int:
+    """Remove temporary siblings of ``folder/name`` (files or folders) whose writing process is gone.
+
+    Returns how many were removed. A temporary name carries its writer's pid; one of a live process
+    (another build running right now) is left alone.
+    """
+    folder = Path(folder)
+    removed = 0
+    if not folder.is_dir():
+        return 0
+    for item in folder.glob(f".{name}.*.tmp"):
+        pid_part = item.name[len(name) + 2:].split("-", 1)[0].split(".", 1)[0]
+        if pid_part.isdigit() and _pid_alive(int(pid_part)) and int(pid_part) != os.getpid():
+            continue
+        shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def check_writable(folder: str | os.PathLike, what: str) -> Path:
+    """Create ``folder`` if needed and prove a file can be written there; raises OSError naming it.
+
+    ``what`` names the option or variable that chose the folder (e.g. "--out", "MLIC_CACHE"), so the
+    message says what to change.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check.", suffix=".tmp") as f:
+            f.write(b"ok")
+            f.flush()
+    except OSError as e:
+        raise OSError(e.errno, f"{e.strerror}; {what} must be a writable folder", str(folder)) from None
+    return folder
+
+
+class UnsafeFileError(ValueError):
+    """A torch file is not a checkpoint, or holds objects other than tensors and plain containers."""
+
+
+def load_torch_weights(path: str | os.PathLike, allowed: list | None = None):
+    """``torch.load`` with ``weights_only=True``: tensors and plain containers only, never arbitrary code.
+
+    Args:
+        path: a file written by ``torch.save``.
+        allowed: extra harmless globals to accept (``torch.serialization.safe_globals`` entries).
+
+    Raises:
+        UnsafeFileError: one line naming the file: not a PyTorch file at all, or which foreign object it
+            holds (refused; nothing in it was run).
+    """
+    import pickle
+    import re
+    import zipfile
+
+    import torch
+
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":  # neither torch's zip format nor a legacy pickle
+        raise UnsafeFileError(f"{path}: not a checkpoint (not a file written by torch.save)")
+    try:
+        with torch.serialization.safe_globals(allowed or []):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found:
+            raise UnsafeFileError(f"{path}: refused: it holds {found.group(1)}, not only tensors and plain "
+                                  "containers; only weight files are accepted (nothing in it was run)") from None
+        raise UnsafeFileError(f"{path}: not a checkpoint (unreadable as a weights file)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise UnsafeFileError(f"{path}: not a readable checkpoint ({reason})") from None
