@@ -98,9 +98,6 @@ class EpochLoss(nn.Module):
         self.epoch.fill_(self._epoch)
 
 
-from mlic.losses import full  # noqa: E402,F401  (registers bce, bce_ls, focal, asl)
-from mlic.losses import partial  # noqa: E402,F401  (an, an_ls, wan, epr, role)
-from mlic.losses import large_loss  # noqa: E402,F401  (ll_r, ll_ct, ll_cp)
-from mlic.losses import splc  # noqa: E402,F401  (hill, splc)
-from mlic.losses import em_apl  # noqa: E402,F401  (em, em_apl)
-from mlic.losses import gr  # noqa: E402,F401  (gr)
+# each module registers its losses: full (bce, bce_ls, focal, asl), partial (an, an_ls, wan, epr, role),
+# large_loss (ll_r, ll_ct, ll_cp), splc (hill, splc), em_apl (em, em_apl), gr (gr)
+from mlic.losses import em_apl, full, gr, large_loss, partial, splc  # noqa: E402,F401

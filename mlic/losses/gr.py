@@ -1,4 +1,4 @@
-"""GR Loss (Chen et al., IJCAI 2024, "Boosting Single Positive Multi-label Classification with Generalized Robust Loss").
+"""GR Loss: Chen et al., "Boosting Single Positive Multi-label Classification with Generalized Robust Loss", IJCAI 2024.
 
 With p = σ(logit) and p̄ = p without gradient, per entry:
 
