@@ -101,7 +101,8 @@ class LargeLoss(EpochLoss):
 
     Args:
         delta_rel: δ_rel, percent per epoch as their command line (0 < delta_rel ≤ 100; their grid
-            0.1 … 0.5; BoostLU repository: LL-R 0.5, LL-Ct 0.2, LL-Cp 0.1).
+            0.1 … 0.5). The LL repository has no default; the defaults here are the values the authors
+            fix in their BoostLU repository: LL-R 0.5, LL-Ct 0.2, LL-Cp 0.1.
     """
 
     paper = "Kim et al., Large Loss Matters in Weakly Supervised Multi-Label Classification, CVPR 2022"
@@ -141,6 +142,9 @@ class LargeLossCorrectTemporary(LargeLoss):
     """LL-Ct: from the second epoch on, the largest unknown-entry losses get target 1 for this step."""
 
     scheme = "ll_ct"
+
+    def __init__(self, delta_rel: float = 0.2) -> None:
+        super().__init__(delta_rel)
 
 
 @register_loss("ll_cp")
