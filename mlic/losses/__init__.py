@@ -1,14 +1,35 @@
 """Losses for multi-label classification, all called as ``loss(logits, targets, indices=None)``.
 
 Targets use the one encoding of mlic: 1 positive, 0 negative, -1 unknown. Full-label losses
-ignore unknown entries; partial-label losses (``partial.py``) define what unknown means.
-``indices`` are the dataset row numbers of the batch, for losses that keep per-image state.
+(``full.py``) ignore unknown entries; partial-label losses define what unknown means.
+
+The loss protocol (what the engine may call; a loss has only the hooks it needs)::
+
+    loss = build_loss(name, **kwargs)        # an nn.Module
+    loss(logits, targets, indices=None)      # logits (B, K); targets (B, K) int8 {1, 0, -1};
+                                             # indices (B,) = dataset rows of the batch, required by
+                                             # losses that keep per-image state (role, ll_cp, em_apl)
+    loss.start_epoch(epoch)                  # before each epoch; 0-based (= epochs finished):
+                                             # ll_r, ll_ct, ll_cp, splc, gr, em_apl
+    loss.wants_predictions(epoch) -> bool    # em_apl: after this epoch, wants the scores of the whole
+    loss.end_epoch(epoch, probs)             #   training set: the engine runs a no-grad pass and hands
+                                             #   over probs (N, K) in dataset order
+    loss.pseudo_labels                       # em_apl: (N, K) float, soft target or NaN
+    loss.apply_corrections(label_matrix)     # ll_cp: after the optimiser step, writes the last call's
+                                             #   permanent corrections (1) into the (N, K) int8 training
+                                             #   labels in place; the next epoch reads them
+    loss.state_dict()                        # everything resume needs: the epoch of scheduled losses,
+                                             #   ROLE's estimator, APL's pseudo-labels (buffers)
+
+Every loss class also states ``paper`` (where it comes from) and ``labels`` ("full", "partial" or
+"single positive": the labels it is meant for), for listings generated from the registry.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from mlic.registry import check_arguments
@@ -37,9 +58,49 @@ def build_loss(name: str, **kwargs) -> nn.Module:
     return LOSSES[key](**kwargs)
 
 
-from mlic.losses import full  # noqa: E402,F401  (registers bce, bce_ls, focal, asl)
+class LossInputError(ValueError):
+    """Targets or indices a loss cannot use; the message says what to pass instead."""
 
-try:  # partial-label losses live in their own module
-    from mlic.losses import partial  # noqa: E402,F401
-except ImportError:  # pragma: no cover - only while the module is being written
-    pass
+
+def require_indices(name: str, indices: torch.Tensor | None) -> torch.Tensor:
+    """The batch's dataset rows as a long tensor, or a one-line error for a per-image loss called without them."""
+    if indices is None:
+        raise LossInputError(f"{name} keeps per-image state: call loss(logits, targets, indices) with the batch's "
+                             "dataset row numbers")
+    return torch.as_tensor(indices).long()
+
+
+def require_unknown(name: str, targets: torch.Tensor) -> None:
+    """One-line error for a partial-label loss handed a batch without any unknown (-1) target."""
+    if not bool((targets == -1).any()):
+        raise LossInputError(f"{name} is a partial-label loss but the targets hold no unknown (-1) entry: train "
+                             "full labels with bce/asl, or pass the observed (partial) labels")
+
+
+def _sync_epoch(module: nn.Module, incompatible_keys) -> None:
+    module._epoch = int(module.epoch)
+
+
+class EpochLoss(nn.Module):
+    """Base of losses whose value depends on the epoch: ``start_epoch`` stores it, buffer ``epoch`` saves it.
+
+    ``self._epoch`` mirrors the buffer as a Python int, so the forward pass never reads a device tensor.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("epoch", torch.zeros((), dtype=torch.long))
+        self._epoch = 0
+        self.register_load_state_dict_post_hook(_sync_epoch)
+
+    def start_epoch(self, epoch: int) -> None:
+        """Set the epoch about to be trained, 0-based (= number of finished epochs)."""
+        if int(epoch) < 0:
+            raise LossInputError(f"start_epoch takes the 0-based epoch (epochs finished), got {epoch}")
+        self._epoch = int(epoch)
+        self.epoch.fill_(self._epoch)
+
+
+# each module registers its losses: full (bce, bce_ls, focal, asl), partial (an, an_ls, wan, epr, role),
+# large_loss (ll_r, ll_ct, ll_cp), splc (hill, splc), em_apl (em, em_apl), gr (gr)
+from mlic.losses import em_apl, full, gr, large_loss, partial, splc  # noqa: E402,F401

@@ -105,6 +105,9 @@ def asl_loss(
 class BCE(nn.Module):
     """Binary cross-entropy; ``eps=None`` is exact, ``eps=1e-5`` matches Cole et al.'s ``-log(p + 1e-5)``."""
 
+    paper = "binary cross-entropy (standard)"
+    labels = "full"
+
     def __init__(self, eps: float | None = None, reduction: str = "mean") -> None:
         super().__init__()
         self.eps, self.reduction = eps, reduction
@@ -116,6 +119,9 @@ class BCE(nn.Module):
 @register_loss("bce_ls")
 class BCELabelSmoothing(nn.Module):
     """BCE with label smoothing on full labels (Cole et al.'s bce_ls; their eps 1e-5 by default)."""
+
+    paper = "Cole et al., Multi-Label Learning from Single Positive Labels, CVPR 2021 (full-label baseline)"
+    labels = "full"
 
     def __init__(self, smoothing: float = 0.1, eps: float | None = 1e-5, reduction: str = "mean") -> None:
         super().__init__()
@@ -129,6 +135,9 @@ class BCELabelSmoothing(nn.Module):
 class Focal(nn.Module):
     """Sigmoid focal loss."""
 
+    paper = "Lin et al., Focal Loss for Dense Object Detection, ICCV 2017"
+    labels = "full"
+
     def __init__(self, gamma: float = 2.0, alpha: float | None = None, reduction: str = "mean") -> None:
         super().__init__()
         self.gamma, self.alpha, self.reduction = gamma, alpha, reduction
@@ -140,6 +149,9 @@ class Focal(nn.Module):
 @register_loss("asl")
 class ASL(nn.Module):
     """Asymmetric loss; ``scale`` multiplies the reduced value (Query2Label uses 1000 with the mean)."""
+
+    paper = "Ridnik et al., Asymmetric Loss For Multi-Label Classification, ICCV 2021"
+    labels = "full"
 
     def __init__(
         self, gamma_neg: float = 4.0, gamma_pos: float = 1.0, clip: float = 0.05, eps: float = 1e-8,

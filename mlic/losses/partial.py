@@ -169,6 +169,9 @@ def _check_num_classes(expected: int | None, logits: torch.Tensor) -> None:
 class AssumeNegative(nn.Module):
     """AN: -log p on observed positives, -log(1-p) on everything else."""
 
+    paper = "Cole et al., Multi-Label Learning from Single Positive Labels, CVPR 2021"
+    labels = "partial"
+
     def __init__(self, eps: float | None = 1e-5, reduction: str = "mean") -> None:
         super().__init__()
         self.eps, self.reduction = eps, reduction
@@ -181,6 +184,9 @@ class AssumeNegative(nn.Module):
 class AssumeNegativeLabelSmoothing(nn.Module):
     """AN-LS: AN with label smoothing ``smoothing`` on positives and assumed negatives."""
 
+    paper = "Cole et al., Multi-Label Learning from Single Positive Labels, CVPR 2021"
+    labels = "partial"
+
     def __init__(self, smoothing: float = 0.1, eps: float | None = 1e-5, reduction: str = "mean") -> None:
         super().__init__()
         self.smoothing, self.eps, self.reduction = smoothing, eps, reduction
@@ -192,6 +198,9 @@ class AssumeNegativeLabelSmoothing(nn.Module):
 @register_loss("wan")
 class WeakAssumeNegative(nn.Module):
     """WAN: AN with the terms of unknown entries divided by K - 1 (``num_classes`` default: the logits' K)."""
+
+    paper = "Cole et al., Multi-Label Learning from Single Positive Labels, CVPR 2021"
+    labels = "partial"
 
     def __init__(self, num_classes: int | None = None, eps: float | None = 1e-5, reduction: str = "mean") -> None:
         super().__init__()
@@ -213,6 +222,9 @@ class ExpectedPositiveRegularization(nn.Module):
         expected_positives: expected positives per image (COCO 2.9, VOC 1.5, NUS 1.9, CUB 31.4).
         eps: log epsilon (None: exact).
     """
+
+    paper = "Cole et al., Multi-Label Learning from Single Positive Labels, CVPR 2021"
+    labels = "single positive"
 
     def __init__(self, num_classes: int | None = None, expected_positives: float = 2.9, eps: float | None = 1e-5,
                  reduction: str = "mean") -> None:
@@ -280,6 +292,9 @@ class ROLE(nn.Module):
         seed: seed of the estimator's random init.
         init_positive, init_negative, init_unknown: init probabilities (official 0.995, 0.005, 0.6).
     """
+
+    paper = "Cole et al., Multi-Label Learning from Single Positive Labels, CVPR 2021"
+    labels = "single positive"
 
     def __init__(self, num_images: int, num_classes: int, expected_positives: float = 2.9,
                  eps: float | None = 1e-5, observed: np.ndarray | torch.Tensor | None = None, seed: int = 0,
