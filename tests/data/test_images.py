@@ -141,13 +141,15 @@ def test_exif_orientation(tmp_path, orientation):
 def test_draft_never_below_target(tmp_path):
     Image.fromarray(photo(1000, 2000)).save(tmp_path / "big.jpg", quality=90)
     Image.fromarray(photo(500, 1000)).save(tmp_path / "mid.jpg", quality=90)
-    assert load_image(tmp_path / "big.jpg", 448).size == (1000, 500)  # 1/2 scale: both sides >= 448
-    assert load_image(tmp_path / "big.jpg", 100).size == (250, 125)  # 1/8
-    assert load_image(tmp_path / "mid.jpg", 448).size == (1000, 500)  # 1/2 would give 250 < 448
-    assert tuple(decode_image(tmp_path / "big.jpg", 448).shape) == (3, 500, 1000)
+    assert load_image(tmp_path / "big.jpg", 224).size == (1000, 500)  # 1/2 scale: both sides >= 2 x 224
+    assert load_image(tmp_path / "big.jpg", 448).size == (2000, 1000)  # 1/2 would leave 500 < 2 x 448
+    assert load_image(tmp_path / "big.jpg", 50).size == (250, 125)  # 1/8
+    assert load_image(tmp_path / "mid.jpg", 224).size == (1000, 500)  # 1/2 would give 250 < 448
+    assert tuple(decode_image(tmp_path / "big.jpg", 224).shape) == (3, 500, 1000)
+    assert tuple(decode_image(tmp_path / "big.jpg", 5000).shape) == (3, 1000, 2000)  # larger than the image
     # quality at the target size: reduced decode + resize vs full decode + resize
-    transform = build_transform(448, train=False)
-    reduced = transform(decode_image(tmp_path / "big.jpg", 448)).float()
+    transform = build_transform(224, train=False)
+    reduced = transform(decode_image(tmp_path / "big.jpg", 224)).float()
     full = transform(decode_image(tmp_path / "big.jpg")).float()
     assert (reduced - full).abs().mean() < 1.5
 
