@@ -1,4 +1,5 @@
-"""Importers for published checkpoints: the official Query2Label releases (SlongLiu/query2labels).
+"""Importers for published checkpoints: the official Query2Label releases (SlongLiu/query2labels) and
+ML-Decoder releases (Alibaba-MIIL/ML_Decoder, see ``load_ml_decoder``).
 
 A release folder holds ``checkpoint.pkl`` (a torch pickle whose ``state_dict`` has the weights,
 keys possibly prefixed ``module.``) and ``config_new.json`` (the run's arguments). Keys are mapped
@@ -12,7 +13,9 @@ to ours by explicit rules, one set per backbone family:
   the BatchNorm ``num_batches_tracked`` counters the frozen layers lack are set to 0.
 - TResNet / TResNet v2: ``backbone.0.body.body.*`` -> ``backbone.body.body.*`` with
   ``convN.0.`` / ``convN.0.0.`` -> ``convN.conv.``, ``convN.1.`` / ``convN.0.1.`` -> ``convN.bn.``,
-  ``downsample.i.0.`` -> ``downsample.i.conv.``, ``downsample.i.1.`` -> ``downsample.i.bn.``.
+  ``downsample.i.0.`` -> ``downsample.i.conv.``, ``downsample.i.1.`` -> ``downsample.i.bn.``; the
+  authors trained them with InPlaceABN, which scales by |w| + eps, so every norm weight becomes
+  ``abs(w) + 1e-5`` for timm's BatchNorm (``inplace_abn_to_batchnorm``).
 - Swin: ``backbone.0.*`` -> ``backbone.body.*`` with ``layers.i.downsample`` ->
   ``layers.(i+1).downsample``; ``relative_position_index`` and ``attn_mask`` (recomputed) dropped.
 - CvT: ``backbone.0.*`` -> ``backbone.*`` (our CvT has the official layout).
@@ -81,6 +84,34 @@ TRESNET_RULES: tuple[tuple[re.Pattern, str], ...] = (
     (re.compile(r"\.downsample\.(\d)\.0\."), r".downsample.\1.conv."),
     (re.compile(r"\.downsample\.(\d)\.1\."), r".downsample.\1.bn."),
 )
+
+INPLACE_ABN_EPS = 1e-5
+BN_WEIGHT = re.compile(r"\.bn\.weight$")
+
+
+def rename_tresnet_key(rest: str) -> str:
+    """An official TResNet key (``conv1.0.weight``, ``layer2.0.conv2.0.1.bias``, ...) in timm's names."""
+    rest = "." + rest
+    for pattern, repl in TRESNET_RULES:
+        rest = pattern.sub(repl, rest)
+    return rest[1:]
+
+
+def inplace_abn_to_batchnorm(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Turn a renamed InPlaceABN-trained TResNet (keys under ``prefix``) into timm BatchNorm weights, in place.
+
+    InPlaceABN computes (x - mean) / sqrt(var + eps) · (|w| + eps) + b, so the sign of a trained weight is
+    meaningless to it and released weights are often negative; BatchNorm uses w as is. Every ``.bn.weight``
+    becomes ``abs(w) + 1e-5`` (in the file's dtype); bias and running statistics are unchanged. Files
+    written with inplace_abn 1.0.x have no ``num_batches_tracked``: those get 0 (1.1.x files keep theirs).
+    """
+    for key in [k for k in state if k.startswith(prefix)]:
+        if BN_WEIGHT.search(key):
+            state[key] = state[key].abs() + INPLACE_ABN_EPS
+        elif key.endswith(".bn.running_var"):
+            state.setdefault(key[: -len("running_var")] + "num_batches_tracked", torch.tensor(0, dtype=torch.long))
+    return state
+
 
 PE_KEY = "backbone.1.pe"
 PE_TOLERANCE = 1e-4
@@ -192,12 +223,7 @@ def map_backbone_key(key: str, family: str) -> str | None:
     if family == "resnet":
         return "backbone." + rest if rest.startswith("body.") else ""
     if family == "tresnet":
-        if not rest.startswith("body.body."):
-            return ""
-        rest = "." + rest
-        for pattern, repl in TRESNET_RULES:
-            rest = pattern.sub(repl, rest)
-        return "backbone" + rest
+        return "backbone." + rename_tresnet_key(rest) if rest.startswith("body.body.") else ""
     if family == "swin":
         if rest.endswith((".relative_position_index", ".attn_mask")):
             return None
@@ -247,6 +273,8 @@ def map_official_state_dict(
     if unmapped:
         raise OfficialCheckpointError(f"{source}: {len(unmapped)} keys fit no rule for backbone "
                                       f"'{config.backbone}': {unmapped[:4]}; check 'backbone' in the config")
+    if family == "tresnet":
+        inplace_abn_to_batchnorm(out, "backbone.")
     if family == "resnet":  # frozen BatchNorm has no counter; ours starts it at 0
         for key in [k for k in out if k.endswith(".running_mean")]:
             out.setdefault(key[: -len("running_mean")] + "num_batches_tracked", torch.tensor(0, dtype=torch.long))
