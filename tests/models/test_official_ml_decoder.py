@@ -195,7 +195,8 @@ def test_cli_convert_and_eval(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     for i in range(4):
-        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(images / f"{i}.png")
+        pixels = np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(images / f"{i}.png")
     targets = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]], np.int8)
     LabelSet(["cat", "dog", "bird"], [f"{i}.png" for i in range(4)], targets, root=str(images)).save(tmp_path / "data")
     result = runner.invoke(app, ["eval", "--checkpoint", str(release), "--data", str(tmp_path / "data"),
