@@ -119,3 +119,20 @@ def test_weights_of_another_class_count_are_one_clear_error():
         model.load_state_dict(torch.nn.Sequential(MLDecoderHead(16, 9, decoder_embedding=16, nheads=2)).state_dict())
     with pytest.raises(ValueError, match="divisible"):
         MLDecoderHead(16, 9, decoder_embedding=20)
+
+
+def test_cost_grows_linearly_with_classes_only_in_the_group_fc():
+    """9,605 classes (OpenImages): with at most 100 queries only the group FC grows, by 2·B·D FLOPs per column."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(2, 64, 3, 3)
+    counts, per_class = {}, {}
+    for k in (80, 1000, 9605):
+        for groups, store in ((-1, counts), (k, per_class)):
+            head = MLDecoderHead(64, k, num_of_groups=groups, decoder_embedding=32, dim_feedforward=64).eval()
+            with FlopCounterMode(display=False) as counter, torch.no_grad():
+                assert head(x).shape == (2, k)
+            store[k] = (counter.get_total_flops(), head.num_groups * head.duplicate_factor)
+    (f1000, cols1000), (f9605, cols9605) = counts[1000], counts[9605]
+    assert cols9605 == 9700 and f9605 - f1000 == 2 * 2 * 32 * (cols9605 - cols1000)
+    assert per_class[9605][0] > 30 * f9605  # one query per class: the whole decoder layer grows with K
