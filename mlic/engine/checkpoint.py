@@ -71,10 +71,12 @@ def load_official(path: Path) -> tuple[torch.nn.Module, dict]:
     ML-Decoder ``.pth`` file (class names from the file, else COCO's)."""
     from mlic.models.official import load_ml_decoder, load_release
 
-    if path.is_file():
+    if path.is_file() and path.suffix == ".safetensors":
+        raise CheckpointError(f"{path}: pass the folder holding model.safetensors and model.json ({path.parent})")
+    if path.is_file() and path.name != "checkpoint.pkl":
         model, classes = load_ml_decoder(path)
-    else:
-        model, classes, _ = load_release(path)
+    else:  # a Query2Label folder, or its checkpoint.pkl
+        model, classes, _ = load_release(path.parent if path.is_file() else path)
     return model, {"classes": classes, "thresholds": [0.5] * len(classes), "model": model.config.to_dict(),
                    "source": str(path)}
 

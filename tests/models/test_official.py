@@ -211,6 +211,9 @@ def test_checkpoint_pkl_and_convert(small_release, tmp_path):
     with torch.no_grad():
         expected = model(x)
         torch.testing.assert_close(imported(x), expected, atol=0, rtol=0)
+    by_file, _ = load_model(folder / "checkpoint.pkl")  # the file itself stands for its release folder
+    with torch.no_grad():
+        torch.testing.assert_close(by_file(x), expected, atol=0, rtol=0)
     out = convert_query2label(folder, tmp_path / "converted")
     loaded, meta = load_model(out)
     assert meta["classes"] == COCO_CLASSES and len(COCO_CLASSES) == 80 and meta["source"]["config"] == SMALL

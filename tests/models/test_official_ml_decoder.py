@@ -213,3 +213,6 @@ def test_cli_convert_and_eval(tmp_path):
     assert result.output.strip().splitlines() == [
         f"error: {tmp_path / 'other.pth'}: not an ML-Decoder TResNet checkpoint (no 'head.decoder.duplicate_pooling'); "
         "expected one of the authors' released .pth files (Alibaba-MIIL/ML_Decoder MODEL_ZOO.md)"]
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="pass the folder holding model.safetensors and model.json"):
+        load_model(tmp_path / "model.safetensors")
