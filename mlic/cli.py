@@ -326,8 +326,8 @@ def train(
 @app.command("eval")
 @user_errors
 def evaluate(
-    checkpoint: Annotated[Path, typer.Option(help="Run or model folder written by mlic, or an official Query2Label "
-                                               "folder (checkpoint.pkl + config_new.json).")],
+    checkpoint: Annotated[Path, typer.Option(help="Run or model folder written by mlic, an official Query2Label "
+                                               "folder (checkpoint.pkl + config_new.json) or ML-Decoder .pth file.")],
     data: Annotated[Path | None, typer.Option(help="Prepared data folder or LabelSet folder. Default: the "
                                                       "MultiDigits test split.")] = None,
     split: Annotated[str, typer.Option(help="Split folder inside --data to evaluate.")] = "test",
@@ -488,6 +488,24 @@ def convert_q2l(
 
     names = [line.strip() for line in classes.read_text().splitlines() if line.strip()] if classes else None
     out = convert_query2label(folder, output, names)
+    typer.echo(f"wrote {out}/model.safetensors and model.json; evaluate with: mlic eval --checkpoint {out} --data ...")
+
+
+@convert_app.command("ml-decoder")
+@user_errors
+def convert_ml_decoder(
+    file: Annotated[Path, typer.Argument(help="The authors' released .pth (TResNet-M/L/XL + ML-Decoder).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="mlic model folder to write.")],
+    classes: Annotated[Path | None, typer.Option(help="Text file with one class name per line (default: the "
+                                                      "file's idx_to_class, else COCO's 80 categories).")] = None,
+    img_size: Annotated[int | None, typer.Option(help="Input size (default: the release's, e.g. 448 for "
+                                                      "TResNet-L COCO).")] = None,
+) -> None:
+    """Convert an authors' ML-Decoder checkpoint into an mlic model folder (safetensors), strictly checked."""
+    from mlic.models.official import convert_ml_decoder as run_convert
+
+    names = [line.strip() for line in classes.read_text().splitlines() if line.strip()] if classes else None
+    out = run_convert(file, output, names, img_size)
     typer.echo(f"wrote {out}/model.safetensors and model.json; evaluate with: mlic eval --checkpoint {out} --data ...")
 
 

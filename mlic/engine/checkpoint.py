@@ -60,7 +60,8 @@ def read_model_meta(directory: str | Path) -> dict:
     meta_path = directory / "model.json"
     if not meta_path.is_file():
         raise CheckpointError(f"{meta_path}: not found; --checkpoint must be a run or model folder from mlic, "
-                              "or an official Query2Label folder (checkpoint.pkl + config_new.json)")
+                              "an official Query2Label folder (checkpoint.pkl + config_new.json) or an official "
+                              "ML-Decoder .pth file")
     try:
         meta = json.loads(meta_path.read_text())
         ModelConfig.from_dict(meta["model"])
@@ -70,25 +71,31 @@ def read_model_meta(directory: str | Path) -> dict:
     return meta
 
 
-def load_official(directory: Path) -> tuple[torch.nn.Module, dict]:
-    """An official Query2Label release folder (checkpoint.pkl + config_new.json), imported strictly."""
-    from mlic.models.official import load_release
+def load_official(path: Path) -> tuple[torch.nn.Module, dict]:
+    """An official release, imported strictly: a Query2Label folder (checkpoint.pkl + config_new.json) or an
+    ML-Decoder ``.pth`` file (class names from the file, else COCO's)."""
+    from mlic.models.official import load_ml_decoder, load_release
 
-    model, classes, _ = load_release(directory)
+    if path.is_file() and path.suffix == ".safetensors":
+        raise CheckpointError(f"{path}: pass the folder holding model.safetensors and model.json ({path.parent})")
+    if path.is_file() and path.name != "checkpoint.pkl":
+        model, classes = load_ml_decoder(path)
+    else:  # a Query2Label folder, or its checkpoint.pkl
+        model, classes, _ = load_release(path.parent if path.is_file() else path)
     return model, {"classes": classes, "thresholds": [0.5] * len(classes), "model": model.config.to_dict(),
-                   "source": str(directory)}
+                   "source": str(path)}
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild the model saved in ``directory``; returns (model in eval mode, metadata).
 
-    An official Query2Label release folder (checkpoint.pkl + config_new.json, no model.json) is
-    imported on the fly, with COCO's class names.
+    An official Query2Label release folder (checkpoint.pkl + config_new.json, no model.json), with COCO's
+    class names, or an official ML-Decoder ``.pth`` file is imported on the fly.
     """
     from mlic.models.classifier import build_model
 
     directory = Path(directory)
-    if not (directory / "model.json").exists() and (directory / "checkpoint.pkl").exists():
+    if directory.is_file() or (not (directory / "model.json").exists() and (directory / "checkpoint.pkl").exists()):
         model, meta = load_official(directory)
         return model.to(device).eval(), meta
     meta = read_model_meta(directory)

@@ -101,13 +101,16 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
 class TimmBackbone(nn.Module):
     """A timm model cut before its pooling: forward gives (B, C, h, w) feature maps.
 
+    ``body``: a timm model built by the caller (one timm has no registered name for), used instead of ``name``.
+
     Channels-last (Swin, NHWC) and token outputs (ViT, B×N×C) are turned into NCHW maps.
     """
 
-    def __init__(self, name: str, pretrained: str | Path | None = None, **kwargs) -> None:
+    def __init__(self, name: str, pretrained: str | Path | None = None, body: nn.Module | None = None,
+                 **kwargs) -> None:
         super().__init__()
         try:
-            self.body = timm.create_model(name, pretrained=False, num_classes=0, global_pool="", **kwargs)
+            self.body = body or timm.create_model(name, pretrained=False, num_classes=0, global_pool="", **kwargs)
         except RuntimeError as e:
             raise ValueError(f"unknown backbone '{name}': {e}") from None
         if pretrained:
@@ -156,6 +159,20 @@ class DigitNet(nn.Module):
 
 
 register_backbone("digitnet")(DigitNet)
+
+
+@register_backbone("tresnet_v2_xl")
+def tresnet_v2_xl(pretrained: str | Path | None = None, **kwargs) -> TimmBackbone:
+    """TResNet-XL as ML-Decoder's authors built it: layers [3, 8, 34, 5], width 1.0, Bottleneck blocks, 2048 channels.
+
+    timm's class builds it (``v2=True``) but registers no name for it (its ``tresnet_xl`` is another network:
+    [4, 5, 24, 3], width 1.3, 2656 channels).
+    """
+    from timm.models.tresnet import TResNet
+
+    body = TResNet(layers=[3, 8, 34, 5], width_factor=1.0, v2=True, num_classes=0, global_pool="", **kwargs)
+    body.pretrained_cfg = body.default_cfg = {"classifier": "head.fc"}  # what timm's factory sets for tresnets
+    return TimmBackbone("tresnet_v2_xl", pretrained=pretrained, body=body)
 
 
 def build_backbone(name: str, pretrained: str | Path | None = None, **kwargs) -> nn.Module:

@@ -16,6 +16,30 @@ from torch import nn
 HEADS: dict[str, Callable[..., nn.Module]] = {}
 
 
+class HeadWeightsError(ValueError):
+    """Weights loaded into a head were made for another size (class count, width); the message says what to build."""
+
+
+def check_head_weights(
+    state_dict: dict, prefix: str, head: str, expected: dict[str, tuple[tuple[int, ...], Callable[[tuple], str]]],
+) -> None:
+    """Before a head loads weights: each listed key present in ``state_dict`` must have the head's shape.
+
+    Args:
+        state_dict: what ``load_state_dict`` was given; keys under ``prefix`` belong to the head.
+        prefix: the head's prefix in ``state_dict``.
+        head: the head's registry name, for the message.
+        expected: key (relative to the head) -> (the head's shape, hint: the file's shape -> the head settings
+            that would fit it).
+    """
+    for key, (shape, hint) in expected.items():
+        value = state_dict.get(prefix + key)
+        if value is not None and tuple(value.shape) != tuple(shape):
+            found = tuple(value.shape)
+            raise HeadWeightsError(f"{head} head: the weights' {prefix}{key} has shape {found} but this head has "
+                                   f"{tuple(shape)}; build the head with {hint(found)} to load them")
+
+
 def register_head(name: str) -> Callable:
     """Decorator adding a head class under ``name``; refuses duplicates."""
 
@@ -26,6 +50,51 @@ def register_head(name: str) -> Callable:
         return cls
 
     return add
+
+
+@register_head("boostlu")
+class BoostLUHead(nn.Module):
+    """BoostLU (Kim et al., CVPR 2023): positive class activations boosted by alpha before average pooling.
+
+    CAM A = W·F + b at every location (a 1×1 convolution with the ``fc`` weights), A' = alpha·A where
+    A > 0 else A, logits = mean of A' over the h·w locations. As in the official code the boost applies
+    in training and at inference; alpha = 1 is the plain GAP -> linear head. Usable with any loss.
+
+    Args:
+        in_channels: C of the feature map.
+        num_classes: K.
+        alpha: boost factor of positive activations (official default 5).
+
+    Parameters ``fc.weight`` (K, C), ``fc.bias`` (K,).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, alpha: float = 5.0) -> None:
+        super().__init__()
+        self.alpha = float(alpha)
+        self.fc = nn.Linear(in_channels, num_classes)
+
+    def class_activation(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) -> CAM before the boost (B, K, h, w), bias included."""
+        if features.ndim != 4:
+            raise ValueError(f"boostlu head: needs feature maps (B, C, h, w), got shape {tuple(features.shape)}; "
+                             "the boost acts on each location, so pooled features cannot be used")
+        return F.conv2d(features, self.fc.weight[:, :, None, None], self.fc.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) feature maps -> (B, K) logits."""
+        cam = self.class_activation(features)
+        return torch.where(cam > 0, cam * self.alpha, cam).mean(dim=(2, 3))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        check_head_weights(state_dict, prefix, "boostlu", {
+            "fc.bias": ((self.fc.out_features,), lambda s: f"num_classes={s[0]}"),
+            "fc.weight": ((self.fc.out_features, self.fc.in_features),
+                          lambda s: f"num_classes={s[0]} on a backbone with {s[1]} channels"),
+        })
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}"
 
 
 @register_head("linear")
@@ -314,3 +383,6 @@ class Query2LabelHead(nn.Module):
         if return_attention:
             return logits, weights.reshape(batch, -1, h, w)
         return logits
+
+
+from mlic.models import ml_decoder as _ml_decoder  # noqa: E402,F401  (registers "ml_decoder")

@@ -1,4 +1,5 @@
-"""Importers for published checkpoints: the official Query2Label releases (SlongLiu/query2labels).
+"""Importers for published checkpoints: the official Query2Label releases (SlongLiu/query2labels) and
+ML-Decoder releases (Alibaba-MIIL/ML_Decoder, see ``load_ml_decoder``).
 
 A release folder holds ``checkpoint.pkl`` (a torch pickle whose ``state_dict`` has the weights,
 keys possibly prefixed ``module.``) and ``config_new.json`` (the run's arguments). Keys are mapped
@@ -12,7 +13,9 @@ to ours by explicit rules, one set per backbone family:
   the BatchNorm ``num_batches_tracked`` counters the frozen layers lack are set to 0.
 - TResNet / TResNet v2: ``backbone.0.body.body.*`` -> ``backbone.body.body.*`` with
   ``convN.0.`` / ``convN.0.0.`` -> ``convN.conv.``, ``convN.1.`` / ``convN.0.1.`` -> ``convN.bn.``,
-  ``downsample.i.0.`` -> ``downsample.i.conv.``, ``downsample.i.1.`` -> ``downsample.i.bn.``.
+  ``downsample.i.0.`` -> ``downsample.i.conv.``, ``downsample.i.1.`` -> ``downsample.i.bn.``; the
+  authors trained them with InPlaceABN, which scales by |w| + eps, so every norm weight becomes
+  ``abs(w) + 1e-5`` for timm's BatchNorm (``inplace_abn_to_batchnorm``).
 - Swin: ``backbone.0.*`` -> ``backbone.body.*`` with ``layers.i.downsample`` ->
   ``layers.(i+1).downsample``; ``relative_position_index`` and ``attn_mask`` (recomputed) dropped.
 - CvT: ``backbone.0.*`` -> ``backbone.*`` (our CvT has the official layout).
@@ -82,6 +85,34 @@ TRESNET_RULES: tuple[tuple[re.Pattern, str], ...] = (
     (re.compile(r"\.downsample\.(\d)\.1\."), r".downsample.\1.bn."),
 )
 
+INPLACE_ABN_EPS = 1e-5
+BN_WEIGHT = re.compile(r"\.bn\.weight$")
+
+
+def rename_tresnet_key(rest: str) -> str:
+    """An official TResNet key (``conv1.0.weight``, ``layer2.0.conv2.0.1.bias``, ...) in timm's names."""
+    rest = "." + rest
+    for pattern, repl in TRESNET_RULES:
+        rest = pattern.sub(repl, rest)
+    return rest[1:]
+
+
+def inplace_abn_to_batchnorm(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Turn a renamed InPlaceABN-trained TResNet (keys under ``prefix``) into timm BatchNorm weights, in place.
+
+    InPlaceABN computes (x - mean) / sqrt(var + eps) · (|w| + eps) + b, so the sign of a trained weight is
+    meaningless to it and released weights are often negative; BatchNorm uses w as is. Every ``.bn.weight``
+    becomes ``abs(w) + 1e-5`` (in the file's dtype); bias and running statistics are unchanged. Files
+    written with inplace_abn 1.0.x have no ``num_batches_tracked``: those get 0 (1.1.x files keep theirs).
+    """
+    for key in [k for k in state if k.startswith(prefix)]:
+        if BN_WEIGHT.search(key):
+            state[key] = state[key].abs() + INPLACE_ABN_EPS
+        elif key.endswith(".bn.running_var"):
+            state.setdefault(key[: -len("running_var")] + "num_batches_tracked", torch.tensor(0, dtype=torch.long))
+    return state
+
+
 PE_KEY = "backbone.1.pe"
 PE_TOLERANCE = 1e-4
 
@@ -111,6 +142,11 @@ def read_official_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     types (argparse.Namespace, numpy scalars) are accepted. The state dict is taken from
     ``state_dict`` or ``model`` (or the file itself); ``module.`` prefixes are stripped.
     """
+    return state_dict_of(read_official_file(path), path)
+
+
+def read_official_file(path: str | Path) -> object:
+    """The object in a torch pickle, read with ``weights_only=True`` (see :func:`read_official_checkpoint`)."""
     path = Path(path)
     if not path.is_file():
         raise OfficialCheckpointError(f"{path}: checkpoint not found")
@@ -118,6 +154,11 @@ def read_official_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         obj = load_torch_weights(path, _safe_globals())
     except UnsafeFileError as e:
         raise OfficialCheckpointError(str(e)) from None
+    return obj
+
+
+def state_dict_of(obj: object, path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict in a checkpoint object: under ``state_dict`` or ``model``, or the object itself."""
     for key in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
@@ -185,12 +226,7 @@ def map_backbone_key(key: str, family: str) -> str | None:
     if family == "resnet":
         return "backbone." + rest if rest.startswith("body.") else ""
     if family == "tresnet":
-        if not rest.startswith("body.body."):
-            return ""
-        rest = "." + rest
-        for pattern, repl in TRESNET_RULES:
-            rest = pattern.sub(repl, rest)
-        return "backbone" + rest
+        return "backbone." + rename_tresnet_key(rest) if rest.startswith("body.body.") else ""
     if family == "swin":
         if rest.endswith((".relative_position_index", ".attn_mask")):
             return None
@@ -240,6 +276,8 @@ def map_official_state_dict(
     if unmapped:
         raise OfficialCheckpointError(f"{source}: {len(unmapped)} keys fit no rule for backbone "
                                       f"'{config.backbone}': {unmapped[:4]}; check 'backbone' in the config")
+    if family == "tresnet":
+        inplace_abn_to_batchnorm(out, "backbone.")
     if family == "resnet":  # frozen BatchNorm has no counter; ours starts it at 0
         for key in [k for k in out if k.endswith(".running_mean")]:
             out.setdefault(key[: -len("running_mean")] + "num_batches_tracked", torch.tensor(0, dtype=torch.long))
@@ -345,3 +383,123 @@ def convert_query2label(folder: str | Path, out_dir: str | Path, classes: list[s
     official = read_official_config(config_path)
     extra = {"source": {"repo": "SlongLiu/query2labels", "folder": str(folder), "config": official}}
     return save_model(out_dir, model, model.config, list(classes), extra=extra)
+
+
+# --- ML-Decoder releases (Alibaba-MIIL/ML_Decoder, MODEL_ZOO.md) ---
+# A release ``*.pth`` is a torch pickle: ``model`` holds the state dict (``body.*`` TResNet with InPlaceABN,
+# ``head.decoder.*`` the 19 ML-Decoder tensors), ``idx_to_class`` the class names. Rules:
+# - ``body.*`` -> ``backbone.body.body.*`` with the TResNet renames and the InPlaceABN rule above;
+# - ``head.decoder.*`` -> ``head.decoder.*`` unchanged (our head keeps the official layout); a head in the
+#   layout of the authors' timm fork (``head.duplicate_pooling``, ``head.embed_standart.*``, ...) is accepted too.
+# The backbone is recognised by its blocks per stage, the head's sizes are read from its tensors.
+
+ML_DECODER_BACKBONES: dict[tuple[int, ...], tuple[str, str, int]] = {
+    (3, 4, 11, 3): ("TResNet-M", "tresnet_m", 224),
+    (3, 4, 23, 3): ("TResNet-L", "tresnet_v2_l", 448),
+    (3, 8, 34, 5): ("TResNet-XL", "tresnet_v2_xl", 640),
+}
+"""Blocks per stage -> (the authors' name, our backbone, their default input size)."""
+
+ML_DECODER_RELEASE_SIZES: dict[str, int] = {
+    "tresnet_m_COCO_224_84_2": 224, "tresnet_l_COCO__448_90_0": 448, "tresnet_xl_COCO_640_91_4": 640,
+    "tresnet_m_open_images_200_groups_86_8": 224, "tresnet_l_stanford_card_96.41": 384,
+}
+"""Input size of each released file (MODEL_ZOO.md), by file stem."""
+
+TIMM_FORK_HEAD = re.compile(r"^head\.(duplicate_pooling|duplicate_pooling_bias|embed_standart\.|query_embed\.)")
+
+
+def map_ml_decoder_state_dict(state: Mapping[str, torch.Tensor], source: str) -> tuple[dict, str, dict]:
+    """Official ML-Decoder keys -> ours, InPlaceABN weights converted.
+
+    Returns:
+        (mapped state dict, our backbone name, head_args read from the tensors' shapes).
+    """
+    state = {TIMM_FORK_HEAD.sub(r"head.decoder.\1", k): v for k, v in strip_prefixes(dict(state)).items()}
+    need = ("head.decoder.duplicate_pooling", "head.decoder.duplicate_pooling_bias", "head.decoder.query_embed.weight",
+            "head.decoder.layers.0.linear1.weight", "body.conv1.0.weight")
+    if any(k not in state for k in need):
+        missing = next(k for k in need if k not in state)
+        raise OfficialCheckpointError(f"{source}: not an ML-Decoder TResNet checkpoint (no '{missing}'); expected one "
+                                      "of the authors' released .pth files (Alibaba-MIIL/ML_Decoder MODEL_ZOO.md)")
+    blocks: dict[int, set[int]] = {}
+    for key in state:
+        m = re.match(r"body\.layer(\d)\.(\d+)\.", key)
+        if m:
+            blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    layout = tuple(len(blocks.get(i, ())) for i in range(1, 5))
+    if layout not in ML_DECODER_BACKBONES:
+        raise OfficialCheckpointError(f"{source}: a TResNet with {list(layout)} blocks per stage is none of the "
+                                      "released backbones (M [3, 4, 11, 3], L [3, 4, 23, 3], XL [3, 8, 34, 5])")
+    out: dict[str, torch.Tensor] = {}
+    unmapped = []
+    for key, value in state.items():
+        if key.startswith("body."):
+            out["backbone.body.body." + rename_tresnet_key(key[len("body."):])] = value
+        elif key.startswith("head.decoder."):
+            out[key] = value
+        else:
+            unmapped.append(key)
+    if unmapped:
+        raise OfficialCheckpointError(f"{source}: {len(unmapped)} keys fit no ML-Decoder rule: {unmapped[:4]}")
+    inplace_abn_to_batchnorm(out, "backbone.")
+    groups, dim = state["head.decoder.query_embed.weight"].shape
+    head_args = {"num_of_groups": int(groups), "decoder_embedding": int(dim),
+                 "dim_feedforward": int(state["head.decoder.layers.0.linear1.weight"].shape[0])}
+    return out, ML_DECODER_BACKBONES[layout][1], head_args
+
+
+def load_ml_decoder(
+    checkpoint: str | Path | Mapping, classes: list[str] | None = None, img_size: int | None = None,
+) -> tuple[Classifier, list[str]]:
+    """Build our TResNet + ML-Decoder classifier from an authors' release, strictly.
+
+    Args:
+        checkpoint: a released ``.pth`` (``model`` + ``idx_to_class``), or its dict / state dict.
+        classes: label names in output order (default: the file's ``idx_to_class``, else COCO's 80).
+        img_size: input size (default: the release's, from its file name, else the backbone's usual size).
+
+    Returns:
+        (classifier on CPU in eval mode: images (B, 3, s, s) in [0, 1], no normalisation -> (B, K) logits,
+        class names).
+    """
+    source = str(checkpoint) if isinstance(checkpoint, (str, Path)) else "state dict"
+    obj = read_official_file(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
+    names = obj.get("idx_to_class") if isinstance(obj, Mapping) else None
+    mapped, backbone, head_args = map_ml_decoder_state_dict(state_dict_of(obj, source), source)
+    k = int(mapped["head.decoder.duplicate_pooling_bias"].shape[0])
+    if classes is None:
+        if isinstance(names, Mapping) and len(names) == k:
+            classes = [str(v) for v in names.values()]  # their infer.py reads the values in this order
+        elif k == len(COCO_CLASSES):
+            classes = list(COCO_CLASSES)
+        else:
+            raise OfficialCheckpointError(f"{source}: holds {k} classes and no idx_to_class names; pass a class "
+                                          f"names file with {k} lines (--classes)")
+    if len(classes) != k:
+        raise OfficialCheckpointError(f"{source}: holds weights for {k} classes but {len(classes)} class names were "
+                                      f"given; pass {k} names, in the order the model was trained with")
+    if img_size is None:
+        stem = Path(source).stem
+        img_size = ML_DECODER_RELEASE_SIZES.get(stem, next(v[2] for v in ML_DECODER_BACKBONES.values()
+                                                           if v[1] == backbone))
+    config = ModelConfig(backbone=backbone, head="ml_decoder", num_classes=k, img_size=int(img_size),
+                         head_args=head_args, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # trained without
+    model = build_model(config)
+    check_against_model(mapped, model.state_dict(), source)
+    model.load_state_dict(mapped, strict=True)
+    return model.eval(), list(classes)
+
+
+def convert_ml_decoder(
+    path: str | Path, out_dir: str | Path, classes: list[str] | None = None, img_size: int | None = None,
+) -> Path:
+    """Convert an authors' ML-Decoder ``.pth`` into an mlic model folder (``model.safetensors`` + ``model.json``).
+
+    Arguments as :func:`load_ml_decoder`. Returns ``out_dir``.
+    """
+    from mlic.engine.checkpoint import save_model
+
+    model, classes = load_ml_decoder(path, classes, img_size)
+    extra = {"source": {"repo": "Alibaba-MIIL/ML_Decoder", "file": str(path)}}
+    return save_model(out_dir, model, model.config, classes, extra=extra)

@@ -63,7 +63,8 @@ def files(tmp_path_factory) -> list[tuple[str, object]]:
     out = []
     for k, ((w, h), fmt) in enumerate(itertools.product(SIZES, FORMATS)):
         orientation = k % 8 + 1
-        path = folder / f"{w}x{h}_{fmt}_o{orientation}.{'jpg' if fmt in ('jpeg', 'progressive', 'grey', 'cmyk') else fmt}"
+        suffix = "jpg" if fmt in ("jpeg", "progressive", "grey", "cmyk") else fmt
+        path = folder / f"{w}x{h}_{fmt}_o{orientation}.{suffix}"
         write(path, fmt, w, h, orientation, k)
         out.append((path.name, path))
     return out

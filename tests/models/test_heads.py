@@ -1,15 +1,27 @@
-"""Heads: Query2Label against a plain nn.MultiheadAttention reference, position encoding, gradients."""
+"""Heads: Query2Label against a plain nn.MultiheadAttention reference, BoostLU against its official fixture,
+position encoding, gradients of every registered head."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlic.models.heads import HEADS, GroupWiseLinear, MultiheadAttention, Query2LabelHead, sine_position_encoding
+from mlic.models.heads import (
+    HEADS,
+    BoostLUHead,
+    GroupWiseLinear,
+    HeadWeightsError,
+    MultiheadAttention,
+    Query2LabelHead,
+    sine_position_encoding,
+)
+
+BOOSTLU_FIXTURE = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "boostlu_official.pt"
 
 
 def detr_sine(h: int, w: int, npf: int) -> torch.Tensor:
@@ -131,16 +143,105 @@ def test_query2label_layout_and_options():
         Query2LabelHead(16, 5, hidden_dim=18, nheads=4)
 
 
-@pytest.mark.parametrize("name,args", [("linear", {}), ("query2label", {"hidden_dim": 16, "nheads": 2,
-                                                                        "dim_feedforward": 32})])
-def test_heads_backward(name, args):
+# small settings per head; every registered head must be listed (checked below)
+BACKWARD_ARGS = {
+    "linear": {},
+    "query2label": {"hidden_dim": 16, "nheads": 2, "dim_feedforward": 32},
+    "ml_decoder": {"decoder_embedding": 16, "nheads": 2, "dim_feedforward": 32, "num_of_groups": 4},
+    "boostlu": {"alpha": 5.0},
+}
+
+
+def test_backward_covers_every_head():
+    assert set(BACKWARD_ARGS) == set(HEADS)
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_heads_backward(name):
     torch.manual_seed(0)
-    head = HEADS[name](12, 6, **args).train()
+    head = HEADS[name](12, 6, **BACKWARD_ARGS[name]).train()
     logits = head(torch.randn(3, 12, 4, 5))
     assert logits.shape == (3, 6) and torch.isfinite(logits).all()
     logits.sum().backward()
-    for pname, p in head.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+    trainable = [(n, p) for n, p in head.named_parameters() if p.requires_grad]
+    assert trainable
+    for pname, p in trainable:
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, pname
+    for pname, p in head.named_parameters():  # frozen by design (ML-Decoder's random queries)
+        assert p.requires_grad or p.grad is None, pname
+
+
+@pytest.fixture(scope="module")
+def boostlu_fixture():
+    if not BOOSTLU_FIXTURE.is_file():
+        pytest.skip(f"conformance fixture not found at {BOOSTLU_FIXTURE} (shared/ is not part of the repo)")
+    return torch.load(BOOSTLU_FIXTURE, weights_only=False)  # our own trusted file
+
+
+def boostlu_head(fixture, alpha: float, dtype=torch.float64) -> BoostLUHead:
+    inputs = fixture["inputs"]
+    weight = inputs["onebyone_conv.weight"]
+    head = HEADS["boostlu"](weight.shape[1], weight.shape[0], alpha=alpha).to(dtype)
+    head.load_state_dict({"fc.weight": weight[:, :, 0, 0], "fc.bias": inputs["onebyone_conv.bias"]}, strict=True)
+    return head
+
+
+@pytest.mark.parametrize("alpha", [5.0, 2.0, 1.0])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_boostlu_matches_official(boostlu_fixture, alpha, mode):
+    inputs = boostlu_fixture["inputs"]
+    expected = boostlu_fixture["results"][f"alpha_{alpha:g}"]
+    head = boostlu_head(boostlu_fixture, alpha).train(mode == "train")
+    features = inputs["features_f64"].clone().requires_grad_(True)
+    logits = head(features)
+    (logits * inputs["upstream_grad"]).sum().backward()
+    assert logits.dtype == torch.float64
+    checks = {
+        "logits": (logits, expected[f"logits_{mode}"]),
+        "cam": (head.class_activation(inputs["features_f64"]), expected["cam_before_boost"]),
+        "grad features": (features.grad, expected[f"grad_features_{mode}"]),
+        "grad weight": (head.fc.weight.grad, expected[f"grad_weight_{mode}"][:, :, 0, 0]),
+        "grad bias": (head.fc.bias.grad, expected[f"grad_bias_{mode}"]),
+    }
+    for what, (ours, theirs) in checks.items():
+        diff = (ours - theirs).abs().max().item()
+        assert diff <= 1e-8, f"{what} differs from the official by {diff:.3g}"
+    head32 = boostlu_head(boostlu_fixture, alpha, torch.float32).eval()
+    with torch.no_grad():
+        diff32 = (head32(inputs["features_f32"]) - expected["logits_eval_float32"]).abs().max().item()
+    assert diff32 <= 1e-5
+
+
+def test_boostlu_alpha_one_is_the_linear_head(boostlu_fixture):
+    head = boostlu_head(boostlu_fixture, 1.0)
+    with torch.no_grad():
+        logits = head(boostlu_fixture["inputs"]["features_f64"])
+    assert (logits - boostlu_fixture["ll_linear_head_logits"]).abs().max().item() <= 1e-12
+    linear = HEADS["linear"](head.fc.in_features, head.fc.out_features).double()
+    linear.load_state_dict(head.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(linear(boostlu_fixture["inputs"]["features_f64"]), logits, atol=1e-12, rtol=0)
+
+
+def test_boostlu_zero_activation_gets_the_unboosted_gradient():
+    head = BoostLUHead(2, 1, alpha=5.0).double()
+    with torch.no_grad():
+        head.fc.weight.copy_(torch.tensor([[1.0, 0.0]]))
+        head.fc.bias.zero_()
+    features = torch.tensor([[[[2.0, 0.0, -1.0]], [[0.0, 0.0, 0.0]]]], dtype=torch.float64, requires_grad=True)
+    logits = head(features)
+    assert logits.item() == pytest.approx((5 * 2.0 + 0.0 - 1.0) / 3)
+    logits.sum().backward()
+    torch.testing.assert_close(features.grad[0, 0, 0], torch.tensor([5.0, 1.0, 1.0], dtype=torch.float64) / 3)
+
+
+def test_boostlu_bad_input():
+    head = BoostLUHead(8, 3)
+    with pytest.raises(ValueError, match="needs feature maps"):
+        head(torch.randn(2, 8))
+    with pytest.raises(HeadWeightsError, match=r"fc.bias has shape \(5,\).*num_classes=5"):
+        head.load_state_dict(BoostLUHead(8, 5).state_dict())
+    assert "alpha" not in "".join(head.state_dict())  # a plain setting, as in the official code
 
 
 def test_any_input_size_and_autocast():

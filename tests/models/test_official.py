@@ -6,6 +6,7 @@ import argparse
 import ast
 import copy
 import json
+import os
 import re
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 
 from mlic.config import IMAGENET_MEAN
 from mlic.engine.checkpoint import load_model
+from mlic.models.backbones import build_backbone
 from mlic.models.classifier import build_model
 from mlic.models.heads import sine_position_encoding
 from mlic.models.official import (
@@ -24,7 +26,9 @@ from mlic.models.official import (
     OfficialCheckpointError,
     check_against_model,
     convert_query2label,
+    inplace_abn_to_batchnorm,
     load_query2label,
+    map_backbone_key,
     map_official_state_dict,
     model_config_from_official,
 )
@@ -32,6 +36,7 @@ from mlic.models.official import (
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
 FIXTURE = SHARED / "fixtures" / "q2l_official_r101.pt"
 KEY_LISTS = SHARED / "reference" / "q2l_keys"
+TRESNET_FIXTURE = SHARED / "fixtures" / "q2l_tresnet_official.pt"
 
 
 @pytest.fixture(scope="module")
@@ -206,6 +211,9 @@ def test_checkpoint_pkl_and_convert(small_release, tmp_path):
     with torch.no_grad():
         expected = model(x)
         torch.testing.assert_close(imported(x), expected, atol=0, rtol=0)
+    by_file, _ = load_model(folder / "checkpoint.pkl")  # the file itself stands for its release folder
+    with torch.no_grad():
+        torch.testing.assert_close(by_file(x), expected, atol=0, rtol=0)
     out = convert_query2label(folder, tmp_path / "converted")
     loaded, meta = load_model(out)
     assert meta["classes"] == COCO_CLASSES and len(COCO_CLASSES) == 80 and meta["source"]["config"] == SMALL
@@ -299,3 +307,75 @@ def test_recipe_builds_the_release_architecture(name, key_list):
     frozen = [n for n, _ in backbone.named_parameters()
               if any(n.removeprefix("body.") == p or n.removeprefix("body.").startswith(p + ".") for p in train.freeze)]
     assert frozen and all(".layer2." not in n for n in frozen)
+
+
+# --- the TResNet releases: InPlaceABN weights (q2l_tresnet_official.pt, see QUERY2LABEL.md) ---
+
+@pytest.fixture(scope="module")
+def tresnet_fixture():
+    if not TRESNET_FIXTURE.is_file():
+        pytest.skip(f"conformance fixture not found at {TRESNET_FIXTURE} (shared/ is not part of the repo)")
+    data = torch.load(TRESNET_FIXTURE, weights_only=True)
+    rules: dict = {}
+    exec(data["meta"]["rule_source"], rules)  # our own trusted file: the weights as a function of key and shape
+    return data, rules
+
+
+def stage_diff(ours: torch.Tensor, summary: dict) -> float:
+    assert tuple(ours.shape) == tuple(summary["shape"])
+    return (ours.double().reshape(-1)[:: summary["step"]] - summary["sample"]).abs().max().item()
+
+
+# tresnetl (BasicBlock stages, 448 px) up to layer1; tresnetl_v2 (Bottleneck, both shortcut kinds, blur) to layer2
+@pytest.mark.parametrize("case,stages", [("tresnetl_s448", ("conv1", "layer1")),
+                                         ("tresnetl_v2_s224", ("conv1", "layer1", "layer2"))])
+def test_tresnet_inplace_abn_weights_match_official_stages(tresnet_fixture, case, stages):
+    """The first stages of the official InPlaceABN TResNets, through the importer's backbone rules, in float64."""
+    data, rules = tresnet_fixture
+    meta, expected = data["meta"], data["results"][case]["stages"]
+    prefixes = tuple(f"backbone.0.body.body.{s}." for s in stages)
+    official = rules["make_state_dict"]([(k, s) for k, s in meta["keys"][case] if k.startswith(prefixes)], 0)
+    assert any((v < 0).any() for k, v in official.items() if k.endswith(".1.weight"))  # InPlaceABN signs
+    renamed = {map_backbone_key(k, "tresnet"): v for k, v in official.items()}
+    converted = inplace_abn_to_batchnorm(dict(renamed), "backbone.")
+    config = model_config_from_official(meta["cases"][case]["config"])
+    backbone = build_backbone(config.backbone).double().eval()
+    x = rules["make_input"](**{k: meta["inputs"][case][k] for k in ("batch", "size", "seed")}).double()
+
+    def run(state, upto):
+        own = backbone.state_dict()
+        state = {k[len("backbone."):]: v for k, v in state.items()}
+        assert set(state) <= set(own) and all(state[k].shape == own[k].shape for k in state)
+        backbone.load_state_dict({**own, **state}, strict=True)
+        out, y = {}, backbone.body.body.s2d(x)
+        with torch.no_grad():
+            for name in upto:
+                y = out[name] = getattr(backbone.body.body, name)(y)
+        return out
+
+    for name, value in run(converted, stages).items():
+        diff = stage_diff(value, expected[name])
+        assert diff <= 1e-11, f"{case} {name} differs from the official by {diff:.3g}"
+    assert stage_diff(run(renamed, ("conv1",))["conv1"], expected["conv1"]) > 1  # renames alone: the old import
+
+
+@pytest.mark.skipif(not os.environ.get("MLIC_SLOW_TESTS"), reason="full TResNet-L Q2L forward in float64 "
+                    "(~50 s, 4 GB per case); set MLIC_SLOW_TESTS=1")
+@pytest.mark.parametrize("case", ["tresnetl_s448", "tresnetl_v2_s224"])
+def test_tresnet_release_logits_match_official(tresnet_fixture, case):
+    data, rules = tresnet_fixture
+    meta, expected = data["meta"], data["results"][case]
+    state = rules["make_state_dict"](meta["keys"][case], meta["offset"])
+    x = rules["make_input"](**{k: meta["inputs"][case][k] for k in ("batch", "size", "seed")})
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # |w| + 1e-5 is not float32-exact: keep it in float64
+    try:
+        model = load_query2label(state, meta["cases"][case]["config"]).double()
+    finally:
+        torch.set_default_dtype(default)
+    with torch.no_grad():
+        features = model.backbone(x.double())
+        logits = model.head(features)
+    assert stage_diff(features, expected["stages"]["features"]) <= 1e-11
+    diff = (logits - expected["logits"]).abs().max().item()
+    assert diff <= 1e-10, f"{case}: float64 logits differ from the official by {diff:.3g}"
