@@ -179,7 +179,12 @@ class SparseTargets:
         if isinstance(key, tuple):
             key, rest = key[0], key[1:]
         if isinstance(key, (int, np.integer)):
-            block = self.rows([key])[0]
+            i = int(key) + len(self) if key < 0 else int(key)
+            if not 0 <= i < len(self):
+                raise IndexError(f"row {key} out of range for {len(self)} rows")
+            block = np.full(self.num_classes, -1, dtype=np.int8)
+            lo, hi = self.indptr[i], self.indptr[i + 1]
+            block[self.indices[lo:hi]] = self.values[lo:hi]
         elif isinstance(key, slice):
             block = self.rows(np.arange(len(self))[key])
         else:
