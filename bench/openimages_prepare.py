@@ -41,8 +41,8 @@ def label_name(k: np.ndarray) -> np.ndarray:
     return out
 
 
-def generate(root: Path, images: int, rows: int, classes: int, seed: int = 0) -> None:
-    """The class descriptions and the train label file, written in chunks of fixed-width lines."""
+def generate(root: Path, images: int, rows: int, classes: int, seed: int = 0) -> int:
+    """The class descriptions and the train label file, written in chunks of fixed-width lines; returns the rows."""
     root.mkdir(parents=True, exist_ok=True)
     names = label_name(np.arange(classes))
     with open(root / "oidv6-class-descriptions.csv", "wb") as f:
@@ -77,6 +77,7 @@ def generate(root: Path, images: int, rows: int, classes: int, seed: int = 0) ->
             out[:, 41] = ord("\n")
             f.write(out.tobytes())
             written += image.size
+    return written
 
 
 PREPARE = """
@@ -127,7 +128,7 @@ def main() -> None:
     rows = args.rows or round(args.images * 60 / 9)
     root, out = args.workdir / "OI", args.workdir / "prepared"
     t = time.perf_counter()
-    generate(root, args.images, rows, args.classes)
+    rows = generate(root, args.images, rows, args.classes)
     csv_bytes = (root / "oidv6-train-annotations-human-imagelabels.csv").stat().st_size
     print(f"generated {args.images:,} images, {rows:,} rows, {args.classes:,} classes: "
           f"{csv_bytes / 2**30:.2f} GiB CSV in {time.perf_counter() - t:.0f} s")

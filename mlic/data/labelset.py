@@ -14,6 +14,8 @@ On disk a LabelSet is a directory::
 
     labelset.json   {"classes": [...], "image_paths": [...], "root": "...", "split": "...", "format": 1,
                      "sparse": [names of the matrices stored sparsely]}
+    image_paths.npy instead of the JSON list above :data:`PATHS_IN_NPY_ABOVE` images: UTF-8 bytes (N,),
+                    read as an :class:`ImagePaths` sequence (9M Python strings would take ~0.8 GB)
     targets.npy     int8 (N, K)                      — dense storage, or sparse storage:
     targets.indptr.npy int64 (N+1), targets.indices.npy int32 (nnz), targets.values.npy int8 (nnz)
     observed.npy    optional int8 (N, K): the observed (partial) labels used for training
@@ -30,7 +32,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +45,8 @@ SPARSE_ABOVE_BYTES = 256 << 20
 """``save(storage="auto")`` stores a matrix sparsely above this dense size (when sparse is at most half)."""
 MAX_DENSE_BYTES = 4 << 30
 """Densifying a :class:`SparseTargets` larger than this (``np.asarray``) is refused with a clear error."""
+PATHS_IN_NPY_ABOVE = 1_000_000
+"""``save`` stores the image paths in ``image_paths.npy`` (memory-mapped on load) above this many images."""
 _SPARSE_PARTS = ("indptr", "indices", "values")
 
 Storage = Literal["auto", "dense", "sparse"]
@@ -98,6 +102,49 @@ def atomic_npy_memmap(path: str | os.PathLike, dtype, shape: tuple[int, ...]) ->
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
         yield array
         array.flush()
+
+
+class ImagePaths(Sequence):
+    """N image paths held as one UTF-8 bytes array (N,), e.g. memory-mapped; reads like a list of str.
+
+    Args:
+        encoded: 1-D ``np.bytes_`` array (dtype ``S``), one path per entry.
+    """
+
+    def __init__(self, encoded: np.ndarray) -> None:
+        encoded = np.asanyarray(encoded)
+        if encoded.ndim != 1 or encoded.dtype.kind != "S":
+            raise LabelSetError(f"image paths must be a 1-D bytes array, got {encoded.dtype} {encoded.shape}")
+        self.encoded = encoded
+
+    @classmethod
+    def from_strings(cls, paths) -> ImagePaths:
+        return cls(np.array([str(p).encode() for p in paths], dtype=np.bytes_))
+
+    def __len__(self) -> int:
+        return self.encoded.shape[0]
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [p.decode() for p in self.encoded[i].tolist()]
+        return bytes(self.encoded[i]).decode()
+
+    def __iter__(self) -> Iterator[str]:
+        for start in range(0, len(self), 1 << 16):
+            yield from (p.decode() for p in self.encoded[start:start + (1 << 16)].tolist())
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, (list, tuple, ImagePaths)) and len(other) == len(self) and \
+            all(a == b for a, b in zip(self, other))
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"ImagePaths({len(self)} paths)"
+
+    def take(self, rows: np.ndarray) -> ImagePaths:
+        """Paths ``rows`` as a new in-memory ImagePaths."""
+        return ImagePaths(np.array(self.encoded[np.asarray(rows, dtype=np.int64)]))
 
 
 class SparseTargets:
@@ -320,7 +367,8 @@ class LabelSet:
 
     Attributes:
         classes: K class names, unique.
-        image_paths: N paths relative to ``root`` (POSIX separators).
+        image_paths: N paths relative to ``root`` (POSIX separators): a list of str, or an
+            :class:`ImagePaths` (compact, what ``load`` gives above :data:`PATHS_IN_NPY_ABOVE` images).
         targets: int8 (N, K): 1 positive, 0 negative, -1 unknown. The clean labels when known.
             A dense ndarray or a :class:`SparseTargets` (same reading API).
         root: folder the image paths are relative to.
@@ -330,7 +378,7 @@ class LabelSet:
     """
 
     classes: list[str]
-    image_paths: list[str]
+    image_paths: list[str] | ImagePaths
     targets: np.ndarray | SparseTargets
     root: str = "."
     split: str = ""
@@ -339,7 +387,8 @@ class LabelSet:
 
     def __post_init__(self) -> None:
         self.classes = [str(c) for c in self.classes]
-        self.image_paths = [str(p) for p in self.image_paths]
+        if not isinstance(self.image_paths, ImagePaths):
+            self.image_paths = [str(p) for p in self.image_paths]
         self.targets = check_targets(self.targets)
         n, k = self.targets.shape
         if len(self.classes) != k:
@@ -395,7 +444,8 @@ class LabelSet:
         idx = np.asarray(indices, dtype=np.int64)
         return LabelSet(
             classes=list(self.classes),
-            image_paths=[self.image_paths[i] for i in idx],
+            image_paths=self.image_paths.take(idx) if isinstance(self.image_paths, ImagePaths)
+            else [self.image_paths[i] for i in idx],
             targets=_take(self.targets, idx),
             root=self.root,
             split=self.split if split is None else split,
@@ -441,11 +491,19 @@ class LabelSet:
                 sparse.append(name)
             else:
                 atomic_save_npy(directory / f"{name}.npy", np.asarray(matrix))
+        paths_file = directory / "image_paths.npy"
+        if len(self.image_paths) > PATHS_IN_NPY_ABOVE:
+            paths = self.image_paths if isinstance(self.image_paths, ImagePaths) else \
+                ImagePaths.from_strings(self.image_paths)
+            atomic_save_npy(paths_file, paths.encoded)
+            paths = paths_file.name
+        else:
+            paths = list(self.image_paths)
         root = os.path.relpath(Path(self.root).resolve(), directory.resolve())
         header = {
             "format": FORMAT_VERSION,
             "classes": self.classes,
-            "image_paths": self.image_paths,
+            "image_paths": paths,
             "root": root,
             "split": self.split,
             "meta": self.meta,
@@ -458,6 +516,8 @@ class LabelSet:
             for stale in ([f"{name}.npy"] if in_use is not False else []) + \
                          ([f"{name}.{part}.npy" for part in _SPARSE_PARTS] if in_use is not True else []):
                 (directory / stale).unlink(missing_ok=True)
+        if not isinstance(paths, str):
+            paths_file.unlink(missing_ok=True)
         return directory
 
     @classmethod
@@ -491,6 +551,9 @@ class LabelSet:
             else:
                 obs_path = directory / "observed.npy"
                 observed = np.load(obs_path, mmap_mode=mode, allow_pickle=False) if obs_path.exists() else None
+            paths = header["image_paths"]
+            if isinstance(paths, str):  # large sets: a bytes array beside the header
+                paths = ImagePaths(np.load(directory / paths, mmap_mode=mode, allow_pickle=False))
         except (OSError, ValueError) as e:
             raise LabelSetError(f"{directory}: cannot read the target matrix ({e}); prepare the data again") from None
         root = header.get("root", ".")
@@ -498,7 +561,7 @@ class LabelSet:
         try:
             return cls(
                 classes=header["classes"],
-                image_paths=header["image_paths"],
+                image_paths=paths,
                 targets=targets,
                 root=root,
                 split=header.get("split", ""),

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlic.data.labelset import LabelSet, LabelSetError, SparseTargets
+from mlic.data.labelset import ImagePaths, LabelSet, LabelSetError, SparseTargets
 
 BLOCK_BYTES = 8 << 20
 CLASS_FILES = ("oidv7-class-descriptions.csv", "oidv6-class-descriptions.csv", "class-descriptions.csv")
@@ -294,7 +294,7 @@ def read_openimages(root: str | os.PathLike, trainable: str | os.PathLike | None
             continue
         ids, targets, counts = read_image_labels(path, lookup, len(names), progress)
         folder = IMAGE_FOLDERS[split]
-        paths = [f"{folder}/{image_id}.jpg" for image_id in ids.astype(str)]
+        paths = ImagePaths(np.char.add(np.char.add(f"{folder}/".encode(), ids), b".jpg"))
         if (root / folder).is_dir():
             missing = np.fromiter((not os.path.isfile(root / p) for p in paths), bool, count=len(paths))
         else:
@@ -303,7 +303,7 @@ def read_openimages(root: str | os.PathLike, trainable: str | os.PathLike | None
                 "missing_images": int(missing.sum()), "dropped_missing": 0}
         if drop_missing and missing.any():
             kept = np.flatnonzero(~missing)
-            targets, paths = targets.take(kept), [paths[i] for i in kept]
+            targets, paths = targets.take(kept), paths.take(kept)
             meta["dropped_missing"] = int(missing.sum())
         sets[split] = LabelSet(names, paths, targets, root=str(root), split=split, meta=meta)
     return sets

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mlic.data import labelset
-from mlic.data.labelset import LabelSet, LabelSetError, SparseTargets, atomic_npy_memmap
+from mlic.data.labelset import ImagePaths, LabelSet, LabelSetError, SparseTargets, atomic_npy_memmap
 
 
 def make(n=5, k=3, observed=False):
@@ -197,3 +197,19 @@ def test_atomic_npy_memmap_leaves_nothing_on_error(tmp_path):
     with atomic_npy_memmap(tmp_path / "a.npy", np.int32, (10,)) as out:
         out[:] = 7
     np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.full(10, 7))
+
+
+def test_many_image_paths_go_to_a_memory_mapped_npy(tmp_path, monkeypatch):
+    monkeypatch.setattr(labelset, "PATHS_IN_NPY_ABOVE", 10)
+    dense = random_targets()
+    paths = [f"train/{i:04x}é.jpg" for i in range(40)]
+    LabelSet([f"c{i}" for i in range(7)], paths, SparseTargets.from_dense(dense)).save(tmp_path / "ls")
+    back = LabelSet.load(tmp_path / "ls")
+    assert isinstance(back.image_paths, ImagePaths) and isinstance(back.image_paths.encoded, np.memmap)
+    assert back.image_paths == paths and list(back.image_paths) == paths and back.image_paths[3] == paths[3]
+    assert back.image_paths[2:5] == paths[2:5] and back.path(39).name == "0027é.jpg"
+    sub = back.subset([5, 2])
+    assert isinstance(sub.image_paths, ImagePaths) and sub.image_paths == [paths[5], paths[2]]
+    sub.save(tmp_path / "small")  # 2 paths: back into the JSON header, and no stale npy
+    assert not (tmp_path / "small" / "image_paths.npy").exists()
+    assert LabelSet.load(tmp_path / "small").image_paths == [paths[5], paths[2]]
