@@ -45,7 +45,7 @@ SPARSE_ABOVE_BYTES = 256 << 20
 """``save(storage="auto")`` stores a matrix sparsely above this dense size (when sparse is at most half)."""
 MAX_DENSE_BYTES = 4 << 30
 """Densifying a :class:`SparseTargets` larger than this (``np.asarray``) is refused with a clear error."""
-PATHS_IN_NPY_ABOVE = 1_000_000
+PATHS_IN_NPY_ABOVE = 200_000
 """``save`` stores the image paths in ``image_paths.npy`` (memory-mapped on load) above this many images."""
 _SPARSE_PARTS = ("indptr", "indices", "values")
 
