@@ -25,7 +25,7 @@ import numpy as np
 from sklearn.metrics import average_precision_score
 
 from mlic.data.labelset import SparseTargets
-from mlic.metrics import known_average_precision, known_mean_average_precision
+from mlic.metrics import known_average_precision, known_mean_average_precision, mean_average_precision
 
 
 def problem(images: int, classes: int, known: int, seed: int = 0) -> tuple[np.ndarray, SparseTargets]:
@@ -50,6 +50,8 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=9_605)
     parser.add_argument("--known", type=int, default=8, help="verified labels per image")
     parser.add_argument("--chunk-entries", type=int, default=1 << 22)
+    parser.add_argument("--compare-dense", action="store_true",
+                        help="also run mean_average_precision (one sort of the whole matrix) on dense targets")
     args = parser.parse_args()
     t = time.perf_counter()
     scores, targets = problem(args.images, args.classes, args.known)
@@ -82,6 +84,18 @@ def main() -> None:
         assert abs(ap[c] - reference) < 1e-9, (c, ap[c], reference)
         checked += 1
     print(f"{checked} random classes equal sklearn's average_precision_score on their known entries")
+    if args.compare_dense:
+        dense = np.asarray(targets)
+        tracemalloc.start()
+        t = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reference = mean_average_precision(scores, dense, empty="exclude")
+        seconds = time.perf_counter() - t
+        _, extra = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        print(f"mean_average_precision on the dense targets: {reference:.2f}, {seconds:.1f} s, "
+              f"own peak allocation {extra / 2**20:.0f} MiB (equal: {abs(reference - value) < 1e-9})")
 
 
 if __name__ == "__main__":

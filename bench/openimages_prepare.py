@@ -104,8 +104,17 @@ print(f"{time.perf_counter() - t:.1f} {len(ls)} {ls.num_classes} {ls.targets.nnz
 """
 
 
+BASELINE = """
+import mlic.data.prepare
+"""
+
+
 def run_measured(code: str, *args: str) -> tuple[str, float]:
-    """Run ``code`` in a fresh interpreter; its stdout and its own peak RSS in MiB (from ``wait4``)."""
+    """Run ``code`` in a fresh interpreter; its stdout and its own peak RSS in MiB (from ``wait4``).
+
+    Linux folds the spawning process's peak into a child's ``ru_maxrss`` at exec, so the caller keeps
+    itself small: the generator runs in a child process too.
+    """
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         child = subprocess.Popen([sys.executable, "-c", code, *args], stdout=out, stderr=err)
         _, status, usage = os.wait4(child.pid, 0)
@@ -124,15 +133,23 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=None, help="default: images x 60/9")
     parser.add_argument("--classes", type=int, default=20_000)
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     rows = args.rows or round(args.images * 60 / 9)
     root, out = args.workdir / "OI", args.workdir / "prepared"
+    if args.generate_only:
+        print(generate(root, args.images, rows, args.classes))
+        return
     t = time.perf_counter()
-    rows = generate(root, args.images, rows, args.classes)
+    rows = int(subprocess.run([sys.executable, __file__, "--generate-only", "--workdir", str(args.workdir),
+                               "--images", str(args.images), "--rows", str(rows), "--classes", str(args.classes)],
+                              check=True, capture_output=True, text=True).stdout)
     csv_bytes = (root / "oidv6-train-annotations-human-imagelabels.csv").stat().st_size
     print(f"generated {args.images:,} images, {rows:,} rows, {args.classes:,} classes: "
           f"{csv_bytes / 2**30:.2f} GiB CSV in {time.perf_counter() - t:.0f} s")
     try:
+        _, peak = run_measured(BASELINE)
+        print(f"baseline (python + mlic.data.prepare imported): peak RSS {peak:.0f} MiB")
         seconds, peak = run_measured(PREPARE, str(root), str(out))
         disk = {p.name: p.stat().st_size for p in (out / "train").iterdir()}
         print(f"prepare: {seconds} s, peak RSS {peak:.0f} MiB "
