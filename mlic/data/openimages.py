@@ -158,7 +158,7 @@ class _LabelReader:
         self.line = 1  # lines consumed so far (the header is line 1)
 
     def run(self, progress: bool) -> None:
-        header = self.f.readline().rstrip(b"\r\n").split(b",")
+        header = self.f.readline().removeprefix(b"\xef\xbb\xbf").rstrip(b"\r\n").split(b",")  # BOM: Excel
         try:
             self.columns = [header.index(name) for name in (b"ImageID", b"LabelName", b"Confidence")]
         except ValueError:

@@ -105,6 +105,14 @@ def test_bad_rows_name_file_and_line(tmp_path, rows, message):
         read_openimages(root, progress=False)
 
 
+def test_windows_line_ends_bom_and_no_final_newline(tmp_path):
+    root = make_tree(tmp_path)
+    train = root / "oidv6-train-annotations-human-imagelabels.csv"
+    train.write_bytes(b"\xef\xbb\xbf" + train.read_bytes().replace(b"\n", b"\r\n").rstrip(b"\r\n"))
+    sets = read_openimages(root, progress=False)
+    check_entries(sets["train"], TRAIN, {label: k for k, (label, _) in enumerate(CLASSES)}, "train")
+
+
 def test_bad_layout(tmp_path):
     with pytest.raises(LabelSetError, match="no oidv6-train-annotations-human-imagelabels.csv"):
         read_openimages(tmp_path, progress=False)
