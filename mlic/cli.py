@@ -442,8 +442,8 @@ def predict(
 @app.command()
 @user_errors
 def prepare(
-    kind: Annotated[str, typer.Argument(help="Data set kind: coco, voc, nuswide, cub, table, or cole (Cole et al.'s "
-                                              "formatted_*.npy files).")],
+    kind: Annotated[str, typer.Argument(help="Data set kind: coco, voc, nuswide, cub, table, openimages, or cole (Cole "
+                                              "et al.'s formatted_*.npy files).")],
     root: Annotated[Path, typer.Option(help="The data set folder (for table: the CSV/TSV/JSON file).")],
     out: Annotated[Path, typer.Option(help="Folder receiving one LabelSet folder per split.")],
     observe: Annotated[str | None, typer.Option(help="Also store simulated observed train labels: single-positive "

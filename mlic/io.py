@@ -9,12 +9,14 @@ an interrupted process left behind.
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -28,14 +30,15 @@ def _umask() -> int:
 FILE_MODE = 0o666 & ~_umask()
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old or the new file, never half."""
+@contextmanager
+def _atomic_file(path: str | os.PathLike) -> Iterator[tuple[IO[bytes], str]]:
+    """A temporary file beside ``path`` (object, name), moved onto ``path`` when the block ends without error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f, tmp
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, FILE_MODE)
@@ -46,11 +49,34 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old or the new file, never half."""
+    with _atomic_file(path) as (f, _):
+        f.write(data)
+
+
 def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
-    """``np.save`` through :func:`atomic_write_bytes`."""
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array))
-    atomic_write_bytes(path, buffer.getvalue())
+    """``np.save`` to ``path`` atomically, streamed to disk (no second copy of the array in memory)."""
+    with _atomic_file(path) as (f, _):
+        np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
+
+
+@contextmanager
+def atomic_npy_memmap(path: str | os.PathLike, dtype, shape: tuple[int, ...]) -> Iterator[np.memmap]:
+    """A writable memory-mapped npy file that appears at ``path`` only when the block ends without error.
+
+    Lets a writer fill an array larger than memory piece by piece, with the same all-or-nothing
+    guarantee as :func:`atomic_save_npy`.
+    """
+    with _atomic_file(path) as (f, tmp):
+        if not np.prod(shape, dtype=np.int64):  # an empty file cannot be memory-mapped
+            empty = np.zeros(shape, dtype)
+            yield empty
+            np.lib.format.write_array(f, empty, allow_pickle=False)
+            return
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        yield array
+        array.flush()
 
 
 def temp_dir_for(final: str | os.PathLike) -> Path:

@@ -355,3 +355,64 @@ def test_metrics_table_warns_once_for_empty_classes():
     assert len(record) == 1 and "1 of 7" in str(record[0].message) and record[0].filename == __file__
     assert np.isnan(table["per_class_ap"][0])
     assert table["mAP"] == table["mAP_voc"] == pytest.approx(np.nanmean(table["per_class_ap"]))
+
+
+# ---- known entries only, class chunks (OpenImages protocol) -------------------------------------------------
+
+
+def partial_problem(n=300, k=23, known=0.15, seed=5, dtype=np.float32):
+    rng = np.random.RandomState(seed)
+    truth = (rng.rand(n, k) < 0.3).astype(np.int8)
+    targets = np.where(rng.rand(n, k) < known, truth, -1).astype(np.int8)
+    scores = np.round(rng.rand(n, k) + 0.4 * truth, 1).astype(dtype)  # rounded: many ties
+    targets[:, 0] = -1  # no known entry at all
+    targets[:, 1] = np.where(targets[:, 1] == -1, -1, 0)  # known negatives only
+    return scores, targets
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("chunk_entries", [1, 1000, 1 << 22])  # one class per chunk, a few, all at once
+def test_known_average_precision_matches_sklearn_on_known_entries(dtype, sparse, chunk_entries):
+    from mlic.data.labelset import SparseTargets
+    from mlic.metrics import known_average_precision
+
+    scores, targets = partial_problem(dtype=dtype)
+    given = SparseTargets.from_dense(targets) if sparse else targets
+    with pytest.warns(UserWarning, match="2 of 23 classes have no positive"):
+        ap = known_average_precision(scores, given, chunk_entries=chunk_entries)
+    assert np.isnan(ap[:2]).all()
+    for c in range(2, targets.shape[1]):
+        known = targets[:, c] != -1
+        assert ap[c] == pytest.approx(average_precision_score(targets[known, c], scores[known, c]), abs=1e-12), c
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        np.testing.assert_allclose(ap, average_precision(scores, targets), atol=1e-12)
+
+
+def test_known_mean_average_precision_reads_memory_mapped_scores(tmp_path):
+    from mlic.metrics import known_mean_average_precision
+
+    scores, targets = partial_problem()
+    np.save(tmp_path / "scores.npy", scores)
+    mapped = np.load(tmp_path / "scores.npy", mmap_mode="r")
+    with pytest.warns(UserWarning, match="left out of the mean"):
+        value = known_mean_average_precision(mapped, targets, chunk_entries=2000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        assert value == pytest.approx(mean_average_precision(scores, targets, empty="exclude"), abs=1e-10)
+
+
+def test_known_average_precision_rejects_bad_input():
+    from mlic.metrics import known_average_precision
+
+    scores, targets = partial_problem()
+    with pytest.raises(ValueError, match="shape"):
+        known_average_precision(scores[:, :3], targets)
+    scores[5, 7] = np.nan
+    targets[5, 7] = 1
+    with pytest.raises(ValueError, match="NaN"):
+        known_average_precision(scores, targets)
+    targets[5, 7] = 3
+    with pytest.raises(ValueError, match="only 1"):
+        known_average_precision(scores, targets)

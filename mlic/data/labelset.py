@@ -4,40 +4,287 @@ A LabelSet holds class names, image paths relative to a root folder, and an int8
 matrix (N, K) with 1 = positive, 0 = negative, -1 = unknown (not observed). Every reader
 produces one, every trainer consumes one.
 
+The matrix is either a dense ``np.ndarray`` or a :class:`SparseTargets`, which stores only the
+known entries of each row (CSR: row pointers, class ids, values) and reads like the dense matrix:
+``targets[i]`` is a dense int8 row (K,), ``targets[rows]`` a dense (m, K) block, ``np.asarray``
+the whole matrix, ``.shape`` / ``len`` as usual. OpenImages (9M images x 9,605 classes, ~8 known
+labels each) is 86 GB dense and ~0.4 GB sparse.
+
 On disk a LabelSet is a directory::
 
-    labelset.json   {"classes": [...], "image_paths": [...], "root": "...", "split": "...", "format": 1}
-    targets.npy     int8 (N, K)
+    labelset.json   {"classes": [...], "image_paths": [...], "root": "...", "split": "...", "format": 1,
+                     "sparse": [names of the matrices stored sparsely]}
+    image_paths.npy instead of the JSON list above :data:`PATHS_IN_NPY_ABOVE` images: UTF-8 bytes (N,),
+                    read as an :class:`ImagePaths` sequence (9M Python strings would take ~0.8 GB)
+    targets.npy     int8 (N, K)                      — dense storage, or sparse storage:
+    targets.indptr.npy int64 (N+1), targets.indices.npy int32 (nnz), targets.values.npy int8 (nnz)
     observed.npy    optional int8 (N, K): the observed (partial) labels used for training
+                    (or observed.indptr/indices/values.npy)
 
-``load`` memory-maps the npy files, so a few hundred thousand images cost nothing until read.
+``save`` picks the storage per matrix (``storage="auto"``): sparse when the dense matrix would take
+more than :data:`SPARSE_ABOVE_BYTES` (256 MiB) and the sparse form less than half of it; COCO-,
+VOC-, NUS-WIDE-size data therefore stays dense. ``load`` memory-maps every npy file, so a few
+hundred thousand images (or 9M sparse rows) cost nothing until read.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
-from mlic.io import atomic_save_npy, atomic_write_bytes  # noqa: F401  (re-exported for the readers)
+from mlic.io import atomic_npy_memmap, atomic_save_npy, atomic_write_bytes  # noqa: F401  (re-exported)
 
 FORMAT_VERSION = 1
+SPARSE_ABOVE_BYTES = 256 << 20
+"""``save(storage="auto")`` stores a matrix sparsely above this dense size (when sparse is at most half)."""
+MAX_DENSE_BYTES = 4 << 30
+"""Densifying a :class:`SparseTargets` larger than this (``np.asarray``) is refused with a clear error."""
+PATHS_IN_NPY_ABOVE = 200_000
+"""``save`` stores the image paths in ``image_paths.npy`` (memory-mapped on load) above this many images."""
+_SPARSE_PARTS = ("indptr", "indices", "values")
+
+Storage = Literal["auto", "dense", "sparse"]
 
 
 class LabelSetError(ValueError):
     """A LabelSet is malformed; the message names the file or field and the fix."""
 
 
-def check_targets(targets: np.ndarray, name: str = "targets") -> np.ndarray:
-    """Validate a target matrix and return it as int8.
+class ImagePaths(Sequence):
+    """N image paths held as one UTF-8 bytes array (N,), e.g. memory-mapped; reads like a list of str.
 
     Args:
-        targets: (N, K) array with values in {1, 0, -1}.
+        encoded: 1-D ``np.bytes_`` array (dtype ``S``), one path per entry.
+    """
+
+    def __init__(self, encoded: np.ndarray) -> None:
+        encoded = np.asanyarray(encoded)
+        if encoded.ndim != 1 or encoded.dtype.kind != "S":
+            raise LabelSetError(f"image paths must be a 1-D bytes array, got {encoded.dtype} {encoded.shape}")
+        self.encoded = encoded
+
+    @classmethod
+    def from_strings(cls, paths) -> ImagePaths:
+        return cls(np.array([str(p).encode() for p in paths], dtype=np.bytes_))
+
+    def __len__(self) -> int:
+        return self.encoded.shape[0]
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [p.decode() for p in self.encoded[i].tolist()]
+        return bytes(self.encoded[i]).decode()
+
+    def __iter__(self) -> Iterator[str]:
+        for start in range(0, len(self), 1 << 16):
+            yield from (p.decode() for p in self.encoded[start:start + (1 << 16)].tolist())
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, (list, tuple, ImagePaths)) and len(other) == len(self) and \
+            all(a == b for a, b in zip(self, other))
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"ImagePaths({len(self)} paths)"
+
+    def take(self, rows: np.ndarray) -> ImagePaths:
+        """Paths ``rows`` as a new in-memory ImagePaths."""
+        return ImagePaths(np.array(self.encoded[np.asarray(rows, dtype=np.int64)]))
+
+
+class SparseTargets:
+    """An int8 (N, K) target matrix that stores only its known entries, row by row (CSR).
+
+    Every entry not stored is -1 (unknown). Reads like a dense matrix where mlic reads targets:
+    ``t[i]`` is a dense int8 row (K,), ``t[rows]`` / ``t[a:b]`` a dense (m, K) block, ``np.asarray(t)``
+    the whole matrix (refused above :data:`MAX_DENSE_BYTES`), ``t == v`` / ``t != v`` dense boolean
+    matrices; ``shape``, ``ndim``, ``dtype``, ``len`` as for an array. Column access for metrics is
+    :meth:`by_class`.
+
+    Args:
+        indptr: int64 (N+1,): row i's entries are ``indices[indptr[i]:indptr[i+1]]``.
+        indices: int32 (nnz,): class ids, ascending and distinct within a row.
+        values: int8 (nnz,): 1 positive or 0 negative.
+        num_classes: K.
+    """
+
+    ndim = 2
+    dtype = np.dtype(np.int8)
+    __hash__ = None  # mutable-array semantics, like np.ndarray
+
+    def __init__(self, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, num_classes: int) -> None:
+        self.indptr = np.asanyarray(indptr)
+        self.indices = np.asanyarray(indices)
+        self.values = np.asanyarray(values)
+        self.num_classes = int(num_classes)
+        for part, kind in (("indptr", np.int64), ("indices", np.int32), ("values", np.int8)):
+            array = getattr(self, part)
+            if array.ndim != 1 or array.dtype != kind:
+                raise LabelSetError(f"sparse {part} must be 1-D {np.dtype(kind)}, got {array.dtype} {array.shape}")
+        if self.indptr.size == 0 or self.indptr[0] != 0 or self.indptr[-1] != self.indices.size:
+            raise LabelSetError(f"sparse indptr must start at 0 and end at nnz={self.indices.size}")
+        if self.values.size != self.indices.size:
+            raise LabelSetError(f"sparse values hold {self.values.size} entries, indices {self.indices.size}")
+        if self.indices.size:
+            # min/max scans are cheap even for 70M memory-mapped entries; per-row order is the writer's job
+            if self.indices.min() < 0 or self.indices.max() >= self.num_classes:
+                raise LabelSetError(f"sparse class ids must lie in [0, {self.num_classes})")
+            if self.values.min() < 0 or self.values.max() > 1:
+                raise LabelSetError("sparse values may hold only 1 (positive) and 0 (negative); unknown is implicit")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.indptr.size - 1, self.num_classes)
+
+    @property
+    def size(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def nnz(self) -> int:
+        """Number of known entries."""
+        return int(self.indices.size)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"SparseTargets(shape={self.shape}, known={self.nnz})"
+
+    def rows(self, rows: np.ndarray | list[int]) -> np.ndarray:
+        """Dense int8 (m, K) block of ``rows``."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < -len(self) or rows.max() >= len(self)):
+            raise IndexError(f"row index out of range for {len(self)} rows")
+        rows = rows % max(len(self), 1)
+        out = np.full((rows.size, self.num_classes), -1, dtype=np.int8)
+        start, stop = self.indptr[rows], self.indptr[rows + 1]
+        counts = stop - start
+        if counts.sum():
+            owner = np.repeat(np.arange(rows.size), counts)
+            flat = np.repeat(start - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+            out[owner, self.indices[flat]] = self.values[flat]
+        return out
+
+    def __getitem__(self, key):
+        rest = ()
+        if isinstance(key, tuple):
+            key, rest = key[0], key[1:]
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + len(self) if key < 0 else int(key)
+            if not 0 <= i < len(self):
+                raise IndexError(f"row {key} out of range for {len(self)} rows")
+            block = np.full(self.num_classes, -1, dtype=np.int8)
+            lo, hi = self.indptr[i], self.indptr[i + 1]
+            block[self.indices[lo:hi]] = self.values[lo:hi]
+        elif isinstance(key, slice):
+            block = self.rows(np.arange(len(self))[key])
+        else:
+            key = np.asarray(key)
+            block = self.rows(np.flatnonzero(key) if key.dtype == bool else key)
+        return block[(slice(None),) + rest] if rest and block.ndim == 2 else (block[rest] if rest else block)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        if self.size > MAX_DENSE_BYTES:
+            raise LabelSetError(f"densifying {self.shape} sparse targets would take {self.size / 2**30:.1f} GiB; "
+                                f"read rows (targets[i]) or columns (by_class) instead")
+        dense = np.full(self.shape, -1, dtype=np.int8)
+        for start in range(0, len(self), 1 << 16):
+            stop = min(start + (1 << 16), len(self))
+            lo, hi = self.indptr[start], self.indptr[stop]
+            owner = np.repeat(np.arange(start, stop), np.diff(self.indptr[start:stop + 1]))
+            dense[owner, self.indices[lo:hi]] = self.values[lo:hi]
+        return dense if dtype is None else dense.astype(dtype, copy=False)
+
+    def __eq__(self, other):
+        return np.asarray(self) == other
+
+    def __ne__(self, other):
+        return np.asarray(self) != other
+
+    def astype(self, dtype, copy: bool = True) -> np.ndarray:
+        """The dense matrix as ``dtype`` (as ``np.ndarray.astype``)."""
+        return np.asarray(self, dtype=dtype)
+
+    def take(self, rows: np.ndarray | list[int]) -> SparseTargets:
+        """Rows ``rows`` as a new in-memory SparseTargets."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        start, stop = self.indptr[rows], self.indptr[rows + 1]
+        counts = stop - start
+        indptr = np.zeros(rows.size + 1, np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        flat = np.repeat(start - indptr[:-1], counts) + np.arange(indptr[-1])
+        return SparseTargets(indptr, np.array(self.indices[flat]), np.array(self.values[flat]), self.num_classes)
+
+    def by_class(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The known entries column by column (CSC).
+
+        Returns:
+            (class_ptr int64 (K+1,), rows int64 (nnz,), values int8 (nnz,)): class c's known entries are
+            rows ``rows[class_ptr[c]:class_ptr[c+1]]`` (ascending) with values ``values[...]``.
+        """
+        order = np.argsort(self.indices, kind="stable")
+        rows = np.repeat(np.arange(len(self), dtype=np.int64), np.diff(self.indptr))[order]
+        class_ptr = np.zeros(self.num_classes + 1, np.int64)
+        np.cumsum(np.bincount(self.indices, minlength=self.num_classes), out=class_ptr[1:])
+        return class_ptr, rows, np.asarray(self.values)[order]
+
+    def count(self, value: int) -> np.ndarray:
+        """Entries equal to ``value`` (1, 0 or -1) per row, int64 (N,)."""
+        if value == -1:
+            return self.num_classes - np.diff(self.indptr)
+        row_of = np.repeat(np.arange(len(self)), np.diff(self.indptr))
+        return np.bincount(row_of[np.asarray(self.values) == value], minlength=len(self)).astype(np.int64)
+
+    @classmethod
+    def from_dense(cls, dense: np.ndarray, chunk_rows: int = 1 << 16) -> SparseTargets:
+        """The known entries of a dense (N, K) matrix (read ``chunk_rows`` rows at a time)."""
+        dense = np.asanyarray(dense)
+        n, k = dense.shape
+        counts, indices, values = [], [np.zeros(0, np.int32)], [np.zeros(0, np.int8)]
+        for start in range(0, n, chunk_rows):
+            block = np.asarray(dense[start:start + chunk_rows])
+            row, col = np.nonzero(block != -1)
+            counts.append(np.bincount(row, minlength=block.shape[0]))
+            indices.append(col.astype(np.int32))
+            values.append(block[row, col].astype(np.int8))
+        indptr = np.zeros(n + 1, np.int64)
+        if n:
+            np.cumsum(np.concatenate(counts), out=indptr[1:])
+        return cls(indptr, np.concatenate(indices), np.concatenate(values), k)
+
+    def save(self, directory: Path, name: str) -> None:
+        """Write ``<name>.indptr/indices/values.npy`` atomically, each streamed in chunks."""
+        for part in _SPARSE_PARTS:
+            source = getattr(self, part)
+            with atomic_npy_memmap(directory / f"{name}.{part}.npy", source.dtype, source.shape) as out:
+                for start in range(0, source.size, 1 << 24):
+                    out[start:start + (1 << 24)] = source[start:start + (1 << 24)]
+
+    @classmethod
+    def load(cls, directory: Path, name: str, num_classes: int, mmap: bool = True) -> SparseTargets:
+        """Read what :meth:`save` wrote, memory-mapped unless ``mmap`` is False."""
+        parts = [np.load(directory / f"{name}.{part}.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
+                 for part in _SPARSE_PARTS]
+        return cls(*parts, num_classes)
+
+
+def check_targets(targets: np.ndarray | SparseTargets, name: str = "targets") -> np.ndarray | SparseTargets:
+    """Validate a target matrix and return it as int8 (a :class:`SparseTargets` is validated when built).
+
+    Args:
+        targets: (N, K) array with values in {1, 0, -1}, or SparseTargets.
         name: what to call the array in error messages.
     """
+    if isinstance(targets, SparseTargets):
+        return targets
     targets = np.asanyarray(targets)
     if targets.ndim != 2:
         raise LabelSetError(f"{name} must be a 2-D (images x classes) matrix, got shape {targets.shape}")
@@ -72,8 +319,10 @@ class LabelSet:
 
     Attributes:
         classes: K class names, unique.
-        image_paths: N paths relative to ``root`` (POSIX separators).
+        image_paths: N paths relative to ``root`` (POSIX separators): a list of str, or an
+            :class:`ImagePaths` (compact, what ``load`` gives above :data:`PATHS_IN_NPY_ABOVE` images).
         targets: int8 (N, K): 1 positive, 0 negative, -1 unknown. The clean labels when known.
+            A dense ndarray or a :class:`SparseTargets` (same reading API).
         root: folder the image paths are relative to.
         split: name of the split ("train", "val", "test", ...).
         observed: optional int8 (N, K) observed labels (e.g. single positive), same encoding;
@@ -81,16 +330,17 @@ class LabelSet:
     """
 
     classes: list[str]
-    image_paths: list[str]
-    targets: np.ndarray
+    image_paths: list[str] | ImagePaths
+    targets: np.ndarray | SparseTargets
     root: str = "."
     split: str = ""
-    observed: np.ndarray | None = None
+    observed: np.ndarray | SparseTargets | None = None
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.classes = [str(c) for c in self.classes]
-        self.image_paths = [str(p) for p in self.image_paths]
+        if not isinstance(self.image_paths, ImagePaths):
+            self.image_paths = [str(p) for p in self.image_paths]
         self.targets = check_targets(self.targets)
         n, k = self.targets.shape
         if len(self.classes) != k:
@@ -114,7 +364,26 @@ class LabelSet:
         return len(self.classes)
 
     @property
-    def train_targets(self) -> np.ndarray:
+    def sparse(self) -> bool:
+        """Whether ``targets`` is stored sparsely."""
+        return isinstance(self.targets, SparseTargets)
+
+    def label_stats(self) -> dict[str, float]:
+        """Positives per image and the percentage of known entries, without densifying sparse targets."""
+        n, k = self.targets.shape
+        if isinstance(self.targets, SparseTargets):
+            positives, known = int(self.targets.count(1).sum()), self.targets.nnz
+        else:
+            positives, known = 0, 0
+            for start in range(0, n, 1 << 16):
+                block = np.asarray(self.targets[start:start + (1 << 16)])
+                positives += int((block == 1).sum())
+                known += int((block != -1).sum())
+        return {"positives_per_image": positives / n if n else float("nan"),
+                "known_percent": 100 * known / (n * k) if n * k else float("nan")}
+
+    @property
+    def train_targets(self) -> np.ndarray | SparseTargets:
         """The labels a trainer sees: ``observed`` when present, else ``targets``."""
         return self.observed if self.observed is not None else self.targets
 
@@ -127,11 +396,12 @@ class LabelSet:
         idx = np.asarray(indices, dtype=np.int64)
         return LabelSet(
             classes=list(self.classes),
-            image_paths=[self.image_paths[i] for i in idx],
-            targets=np.array(self.targets[idx]),
+            image_paths=self.image_paths.take(idx) if isinstance(self.image_paths, ImagePaths)
+            else [self.image_paths[i] for i in idx],
+            targets=_take(self.targets, idx),
             root=self.root,
             split=self.split if split is None else split,
-            observed=None if self.observed is None else np.array(self.observed[idx]),
+            observed=None if self.observed is None else _take(self.observed, idx),
             meta=dict(self.meta),
         )
 
@@ -150,25 +420,56 @@ class LabelSet:
         """A copy whose observed labels are ``observed``."""
         return LabelSet(self.classes, self.image_paths, self.targets, self.root, self.split, observed, dict(self.meta))
 
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write the LabelSet to ``directory`` atomically, file by file; returns the directory."""
+    def save(self, directory: str | os.PathLike, storage: Storage = "auto") -> Path:
+        """Write the LabelSet to ``directory`` atomically, file by file; returns the directory.
+
+        Args:
+            directory: the LabelSet folder.
+            storage: "dense", "sparse", or "auto" (sparse when the dense matrix would exceed
+                :data:`SPARSE_ABOVE_BYTES` and the sparse files take at most half of it).
+        """
+        if storage not in ("auto", "dense", "sparse"):
+            raise ValueError(f"storage must be 'auto', 'dense' or 'sparse', got {storage!r}")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        atomic_save_npy(directory / "targets.npy", self.targets)
-        if self.observed is not None:
-            atomic_save_npy(directory / "observed.npy", self.observed)
-        elif (directory / "observed.npy").exists():
-            (directory / "observed.npy").unlink()
+        sparse = []
+        for name, matrix in (("targets", self.targets), ("observed", self.observed)):
+            if matrix is None:
+                continue
+            if _store_sparse(matrix, storage):
+                if not isinstance(matrix, SparseTargets):
+                    matrix = SparseTargets.from_dense(matrix)
+                matrix.save(directory, name)
+                sparse.append(name)
+            else:
+                atomic_save_npy(directory / f"{name}.npy", np.asarray(matrix))
+        paths_file = directory / "image_paths.npy"
+        if len(self.image_paths) > PATHS_IN_NPY_ABOVE:
+            paths = self.image_paths if isinstance(self.image_paths, ImagePaths) else \
+                ImagePaths.from_strings(self.image_paths)
+            atomic_save_npy(paths_file, paths.encoded)
+            paths = paths_file.name
+        else:
+            paths = list(self.image_paths)
         root = os.path.relpath(Path(self.root).resolve(), directory.resolve())
         header = {
             "format": FORMAT_VERSION,
             "classes": self.classes,
-            "image_paths": self.image_paths,
+            "image_paths": paths,
             "root": root,
             "split": self.split,
             "meta": self.meta,
+            "sparse": sparse,
         }
         atomic_write_bytes(directory / "labelset.json", json.dumps(header).encode())
+        # the header now names the files in use; files of the other storage (or a dropped observed) are stale
+        for name in ("targets", "observed"):
+            in_use = None if name == "observed" and self.observed is None else name in sparse
+            for stale in ([f"{name}.npy"] if in_use is not False else []) + \
+                         ([f"{name}.{part}.npy" for part in _SPARSE_PARTS] if in_use is not True else []):
+                (directory / stale).unlink(missing_ok=True)
+        if not isinstance(paths, str):
+            paths_file.unlink(missing_ok=True)
         return directory
 
     @classmethod
@@ -190,10 +491,21 @@ class LabelSet:
             if key not in header:
                 raise LabelSetError(f"{header_path}: missing field '{key}'; prepare the data again")
         mode = "r" if mmap else None
+        sparse = header.get("sparse", [])
+        k = len(header["classes"])
         try:
-            targets = np.load(directory / "targets.npy", mmap_mode=mode, allow_pickle=False)
-            obs_path = directory / "observed.npy"
-            observed = np.load(obs_path, mmap_mode=mode, allow_pickle=False) if obs_path.exists() else None
+            if "targets" in sparse:
+                targets = SparseTargets.load(directory, "targets", k, mmap)
+            else:
+                targets = np.load(directory / "targets.npy", mmap_mode=mode, allow_pickle=False)
+            if "observed" in sparse:
+                observed = SparseTargets.load(directory, "observed", k, mmap)
+            else:
+                obs_path = directory / "observed.npy"
+                observed = np.load(obs_path, mmap_mode=mode, allow_pickle=False) if obs_path.exists() else None
+            paths = header["image_paths"]
+            if isinstance(paths, str):  # large sets: a bytes array beside the header
+                paths = ImagePaths(np.load(directory / paths, mmap_mode=mode, allow_pickle=False))
         except (OSError, ValueError) as e:
             raise LabelSetError(f"{directory}: cannot read the target matrix ({e}); prepare the data again") from None
         root = header.get("root", ".")
@@ -201,7 +513,7 @@ class LabelSet:
         try:
             return cls(
                 classes=header["classes"],
-                image_paths=header["image_paths"],
+                image_paths=paths,
                 targets=targets,
                 root=root,
                 split=header.get("split", ""),
@@ -210,3 +522,21 @@ class LabelSet:
             )
         except LabelSetError as e:
             raise LabelSetError(f"{directory}: {e}") from None
+
+
+def _take(matrix: np.ndarray | SparseTargets, rows: np.ndarray) -> np.ndarray | SparseTargets:
+    """Rows of a target matrix, copied into memory in the same storage."""
+    return matrix.take(rows) if isinstance(matrix, SparseTargets) else np.array(matrix[rows])
+
+
+def _store_sparse(matrix: np.ndarray | SparseTargets, storage: Storage) -> bool:
+    if storage != "auto":
+        return storage == "sparse"
+    n, k = matrix.shape
+    if n * k <= SPARSE_ABOVE_BYTES:
+        return False
+    if isinstance(matrix, SparseTargets):
+        known = matrix.nnz
+    else:
+        known = sum(int((np.asarray(matrix[s:s + (1 << 16)]) != -1).sum()) for s in range(0, n, 1 << 16))
+    return 8 * (n + 1) + 5 * known <= n * k // 2

@@ -11,6 +11,7 @@ voc       train (trainval), test (test) — 2007;  train, val (from train), test
 nuswide   train, test                            train, val (from train), test
 cub       train, test                            train, val (from train), test
 table     train (root), val / test (options)     train, val (from train), test
+openimages train, val (validation), test         — (already has val and test)
 ========  =====================================  ==========================================
 
 Carving a validation split follows Cole et al.: ``RandomState(seed).permutation(N)``; the last
@@ -85,8 +86,17 @@ def _cole(root: Path, images: str | None = None, classes: list[str] | None = Non
             "test": import_formatted(root, "val", image_root, classes, observed=False)}
 
 
+def _openimages(root: Path, trainable: str | None = None, drop_missing: bool = False,
+                progress: bool = True) -> dict[str, LabelSet]:
+    """OpenImages V6/V7 human-verified image labels, stored sparsely (see mlic/data/openimages.py)."""
+    from mlic.data.openimages import read_openimages
+
+    return read_openimages(root, trainable=trainable, drop_missing=drop_missing, progress=progress)
+
+
 READERS: dict[str, Callable[..., dict[str, LabelSet]]] = {
     "coco": _coco, "voc": _voc, "nuswide": _nuswide, "cub": _cub, "table": _table, "cole": _cole,
+    "openimages": _openimages,
 }
 
 
@@ -103,7 +113,7 @@ def prepare(kind: str, root: str | os.PathLike, out: str | os.PathLike, observe:
     """Read a data set and write one LabelSet folder per split under ``out``.
 
     Args:
-        kind: "coco", "voc", "nuswide", "cub" or "table".
+        kind: "coco", "voc", "nuswide", "cub", "table", "cole" or "openimages".
         root: the data set folder (for "table": the table file).
         out: folder receiving ``out/<split>/`` (LabelSet.save layout; image root stored relative).
         observe: None (full labels), "single-positive" or "partial:P"; drawn on the training split.
@@ -116,7 +126,9 @@ def prepare(kind: str, root: str | os.PathLike, out: str | os.PathLike, observe:
             nuswide: images ["Flickr"], drop_missing [False], drop_unlabeled [False];
             cub: min_certainty [1] (1 keeps all, as Cole et al.);
             table: images [the table's folder], classes [from the table], val [None], test [None]
-                (further table files with the same classes).
+                (further table files with the same classes);
+            openimages: trainable [None] (file of LabelNames, one a line), drop_missing [False],
+                progress [True].
 
     Returns:
         {split: folder} for every split written.

@@ -2,8 +2,10 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
-from mlic.data.labelset import LabelSet, LabelSetError
+from mlic.data import labelset
+from mlic.data.labelset import ImagePaths, LabelSet, LabelSetError, SparseTargets, atomic_npy_memmap
 
 
 def make(n=5, k=3, observed=False):
@@ -75,3 +77,139 @@ def test_subset_copies_rows():
     assert sub.image_paths == ["img/3.jpg", "img/1.jpg"] and sub.split == "val"
     np.testing.assert_array_equal(sub.targets, ls.targets[[3, 1]])
     np.testing.assert_array_equal(sub.observed, ls.observed[[3, 1]])
+
+
+# ---- sparse targets ------------------------------------------------------------------------------------------
+
+
+def random_targets(n=40, k=7, known=0.3, seed=1):
+    rng = np.random.RandomState(seed)
+    values = rng.randint(0, 2, size=(n, k)).astype(np.int8)
+    return np.where(rng.rand(n, k) < known, values, -1).astype(np.int8)
+
+
+def test_sparse_reads_like_dense():
+    dense = random_targets()
+    dense[3] = -1  # a row with nothing known
+    sparse = SparseTargets.from_dense(dense, chunk_rows=6)
+    assert sparse.shape == dense.shape and len(sparse) == 40 and sparse.ndim == 2 and sparse.dtype == np.int8
+    assert sparse.nnz == int((dense != -1).sum())
+    for i in (0, 3, 39, -1):
+        np.testing.assert_array_equal(sparse[i], dense[i])
+    rows = np.array([5, 0, 5, 39])
+    np.testing.assert_array_equal(sparse[rows], dense[rows])
+    np.testing.assert_array_equal(sparse[2:30:3], dense[2:30:3])
+    np.testing.assert_array_equal(sparse[dense[:, 0] == 1], dense[dense[:, 0] == 1])
+    np.testing.assert_array_equal(sparse[:, 4], dense[:, 4])
+    assert sparse[7, 2] == dense[7, 2]
+    np.testing.assert_array_equal(np.asarray(sparse), dense)
+    np.testing.assert_array_equal(sparse != -1, dense != -1)
+    np.testing.assert_array_equal(sparse.count(1), (dense == 1).sum(1))
+    np.testing.assert_array_equal(sparse.count(-1), (dense == -1).sum(1))
+    np.testing.assert_array_equal(np.asarray(sparse.take(rows)), dense[rows])
+    class_ptr, col_rows, values = sparse.by_class()
+    for c in range(7):
+        known = np.flatnonzero(dense[:, c] != -1)
+        np.testing.assert_array_equal(col_rows[class_ptr[c]:class_ptr[c + 1]], known)
+        np.testing.assert_array_equal(values[class_ptr[c]:class_ptr[c + 1]], dense[known, c])
+    with pytest.raises(IndexError):
+        sparse[40]
+
+
+def test_sparse_labelset_round_trip_is_memory_mapped(tmp_path):
+    dense, obs = random_targets(seed=2), random_targets(seed=3)
+    ls = LabelSet([f"c{i}" for i in range(7)], [f"{i}.jpg" for i in range(40)], SparseTargets.from_dense(dense),
+                  observed=obs)
+    ls.save(tmp_path / "ls", storage="sparse")
+    assert not (tmp_path / "ls" / "targets.npy").exists()
+    back = LabelSet.load(tmp_path / "ls")
+    assert back.sparse and isinstance(back.observed, SparseTargets)
+    assert isinstance(back.targets.indptr, np.memmap) and isinstance(back.targets.indices, np.memmap)
+    assert back.targets.indptr.dtype == np.int64 and back.targets.indices.dtype == np.int32
+    np.testing.assert_array_equal(np.asarray(back.targets), dense)
+    np.testing.assert_array_equal(np.asarray(back.train_targets), obs)
+    sub = back.subset([4, 1])
+    assert sub.sparse
+    np.testing.assert_array_equal(np.asarray(sub.targets), dense[[4, 1]])
+    train, val = back.hold_out(0.25)
+    held_out = np.sort(np.random.RandomState(1200).permutation(40)[-10:])
+    np.testing.assert_array_equal(np.asarray(val.targets), dense[held_out])
+    stats = back.label_stats()
+    assert stats["positives_per_image"] == pytest.approx((dense == 1).sum() / 40)
+    assert stats["known_percent"] == pytest.approx(100 * (dense != -1).mean())
+    assert stats == LabelSet(back.classes, back.image_paths, dense).label_stats()
+    # saving dense over the sparse folder leaves no stale sparse files behind
+    back.save(tmp_path / "ls", storage="dense")
+    assert sorted(p.name for p in (tmp_path / "ls").iterdir()) == ["labelset.json", "observed.npy", "targets.npy"]
+    np.testing.assert_array_equal(LabelSet.load(tmp_path / "ls").targets, dense)
+
+
+def test_auto_storage_is_dense_for_small_and_sparse_for_large(tmp_path, monkeypatch):
+    ls = LabelSet([f"c{i}" for i in range(50)], [f"{i}.jpg" for i in range(400)], random_targets(400, 50, 0.05))
+    ls.save(tmp_path / "small")
+    assert not LabelSet.load(tmp_path / "small").sparse
+    monkeypatch.setattr(labelset, "SPARSE_ABOVE_BYTES", 100)
+    ls.save(tmp_path / "large")
+    assert LabelSet.load(tmp_path / "large").sparse
+    mostly_known = LabelSet(ls.classes, ls.image_paths, random_targets(400, 50, 0.9))
+    mostly_known.save(tmp_path / "dense_is_smaller")
+    assert not LabelSet.load(tmp_path / "dense_is_smaller").sparse
+
+
+def test_image_dataset_materialises_dense_rows_from_sparse():
+    from mlic.data.images import ImageDataset
+
+    dense = random_targets()
+    ls = LabelSet([f"c{i}" for i in range(7)], [f"{i}.jpg" for i in range(40)], SparseTargets.from_dense(dense))
+    data = ImageDataset(ls, transform=lambda img: img)
+    _, target, index, error = data[5]  # the image does not exist: the row still comes back, with the error
+    assert error and index == 5 and target.dtype == torch.int8
+    np.testing.assert_array_equal(target.numpy(), dense[5])
+
+
+@pytest.mark.parametrize(
+    "parts, message",
+    [
+        ((np.array([0, 2], np.int64), np.array([0, 9], np.int32), np.array([1, 0], np.int8)), "class ids"),
+        ((np.array([0, 1], np.int64), np.array([0], np.int32), np.array([-1], np.int8)), "only 1"),
+        ((np.array([0, 3], np.int64), np.array([0], np.int32), np.array([1], np.int8)), "end at nnz"),
+        ((np.array([0, 1], np.int32), np.array([0], np.int32), np.array([1], np.int8)), "indptr must be 1-D int64"),
+    ],
+)
+def test_sparse_validation(parts, message):
+    with pytest.raises(LabelSetError, match=message):
+        SparseTargets(*parts, num_classes=3)
+
+
+def test_densifying_a_huge_sparse_matrix_is_refused():
+    huge = SparseTargets(np.zeros(1_000_001, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int8), 9605)
+    assert huge[123].shape == (9605,) and (huge[123] == -1).all()
+    with pytest.raises(LabelSetError, match="read rows"):
+        np.asarray(huge)
+
+
+def test_atomic_npy_memmap_leaves_nothing_on_error(tmp_path):
+    with pytest.raises(RuntimeError):
+        with atomic_npy_memmap(tmp_path / "a.npy", np.int32, (10,)) as out:
+            out[:] = 1
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_npy_memmap(tmp_path / "a.npy", np.int32, (10,)) as out:
+        out[:] = 7
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.full(10, 7))
+
+
+def test_many_image_paths_go_to_a_memory_mapped_npy(tmp_path, monkeypatch):
+    monkeypatch.setattr(labelset, "PATHS_IN_NPY_ABOVE", 10)
+    dense = random_targets()
+    paths = [f"train/{i:04x}é.jpg" for i in range(40)]
+    LabelSet([f"c{i}" for i in range(7)], paths, SparseTargets.from_dense(dense)).save(tmp_path / "ls")
+    back = LabelSet.load(tmp_path / "ls")
+    assert isinstance(back.image_paths, ImagePaths) and isinstance(back.image_paths.encoded, np.memmap)
+    assert back.image_paths == paths and list(back.image_paths) == paths and back.image_paths[3] == paths[3]
+    assert back.image_paths[2:5] == paths[2:5] and back.path(39).name == "0027é.jpg"
+    sub = back.subset([5, 2])
+    assert isinstance(sub.image_paths, ImagePaths) and sub.image_paths == [paths[5], paths[2]]
+    sub.save(tmp_path / "small")  # 2 paths: back into the JSON header, and no stale npy
+    assert not (tmp_path / "small" / "image_paths.npy").exists()
+    assert LabelSet.load(tmp_path / "small").image_paths == [paths[5], paths[2]]
