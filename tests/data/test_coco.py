@@ -123,3 +123,13 @@ def test_not_json_and_missing_file(tmp_path):
         read_coco(path, tmp_path)
     with pytest.raises(LabelSetError, match="nope.json: not found"):
         read_coco(tmp_path / "nope.json", tmp_path)
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "/etc/passwd", "sub/../../x.jpg", "C:\\x.jpg", "..\\x.jpg"])
+def test_file_names_leaving_the_image_folder_are_refused(tmp_path, name):
+    path = write_coco(tmp_path)
+    data = json.loads(path.read_text())
+    data["images"][1]["file_name"] = name
+    path.write_text(json.dumps(data))
+    with pytest.raises(LabelSetError, match=r"instances_train2014.json: field 'images\[1\].file_name': .* leaves"):
+        read_coco(path, tmp_path / "train2014")

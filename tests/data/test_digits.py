@@ -42,3 +42,23 @@ def test_imbalance_and_co_occurrence(tmp_path):
     assert freq.max() / freq.min() > 3
     p8_given_3 = t[t[:, 3] == 1, 8].mean()
     assert p8_given_3 > 2 * t[t[:, 3] == 0, 8].mean()
+
+
+def test_a_killed_build_leaves_nothing_behind_on_the_next_run(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys; from mlic.data.digits import DigitsSpec, build_multidigits; "
+            "build_multidigits(sys.argv[1], DigitsSpec(train=3000, val=200, test=200, img_size=32, seed=5))")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)])
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".multidigits-*.tmp/images/train/*.png")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(tmp_path.glob(".multidigits-*.tmp")), "the build was killed before it started"
+    splits = build_multidigits(tmp_path, DigitsSpec(train=3000, val=200, test=200, img_size=32, seed=5))
+    assert len(splits["train"]) == 3000
+    assert [p.name for p in tmp_path.iterdir()] == [f"multidigits-{DigitsSpec(3000, 200, 200, 32, 5).key()}"]

@@ -150,3 +150,21 @@ def test_prepare_reads_cole_formatted_files(tmp_path):
     np.testing.assert_array_equal(back.targets, full)
     np.testing.assert_array_equal(back.observed, train.observed)
     assert set(written) == {"train", "test"} and LabelSet.load(written["test"]).observed is None
+
+
+def test_prepare_replaces_a_prepared_folder_whole_or_refuses(tmp_path):
+    for name in ("a", "b", "c", "d"):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{name}.jpg")
+    (tmp_path / "train.csv").write_text("path,labels\na.jpg,x\nb.jpg,y|x\nc.jpg,y\n")
+    (tmp_path / "test.csv").write_text("path,labels\nd.jpg,y\n")
+    out = tmp_path / "out"
+    assert set(prepare("table", tmp_path / "train.csv", out, val_fraction=0.34, test=tmp_path / "test.csv")) == \
+        {"train", "val", "test"}
+    assert set(prepare("table", tmp_path / "train.csv", out)) == {"train"}
+    assert sorted(p.name for p in out.iterdir()) == ["train"]  # no stale val/ or test/ beside the new train/
+    assert len(LabelSet.load(out / "train")) == 3 and LabelSet.load(out / "train").path(0).is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temporary folder left
+    (out / "my-notes.txt").write_text("keep me")
+    with pytest.raises(LabelSetError, match=r"out: holds my-notes.txt, not only prepared splits"):
+        prepare("table", tmp_path / "train.csv", out)
+    assert (out / "my-notes.txt").read_text() == "keep me" and (out / "train").is_dir()

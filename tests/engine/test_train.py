@@ -106,3 +106,45 @@ def test_role_fine_tunes_with_its_estimator(tiny_digits, tmp_path):
     # observed positives start at logit(0.995) and the estimator moved during training
     assert (table[torch.from_numpy(observed == 1)] > 3).float().mean() > 0.9
     assert len(state["optimizer"]["param_groups"]) == 3
+
+
+def test_non_finite_loss_names_epoch_and_step(tiny_digits, tmp_path, monkeypatch):
+    import warnings
+
+    import mlic.engine.train as engine
+
+    class Diverged(torch.nn.Module):
+        def forward(self, logits, targets, indices=None):
+            return (logits * float("nan")).sum()
+
+    monkeypatch.setattr(engine, "build_loss", lambda name, **kw: Diverged())
+    splits, _, _ = tiny_digits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no misleading "classes have no positive target" on the way
+        with pytest.raises(TrainingError) as err:
+            train(ModelConfig(num_classes=10, img_size=32), quick(batch_size=8), splits["train"], splits["val"],
+                  tmp_path / "run", progress=False, log=lambda *a: None)
+    message = str(err.value)
+    assert "epoch 1, steps 1-10" in message and "--lr" in message and "--amp off" in message
+
+
+def test_diverged_weights_are_an_error_not_a_warning(tiny_digits, tmp_path, monkeypatch):
+    import warnings
+
+    import mlic.engine.train as engine
+
+    real_update = engine.EMA.update
+
+    def poison(self, model):  # weights turn NaN after a finite step, as an overflow would leave them
+        real_update(self, model)
+        with torch.no_grad():
+            for p in self.module.parameters():
+                p.fill_(float("nan"))
+
+    monkeypatch.setattr(engine.EMA, "update", poison)
+    splits, _, _ = tiny_digits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(TrainingError, match="after epoch 1: the model's scores are not finite .* --lr"):
+            train(ModelConfig(num_classes=10, img_size=32), quick(ema=0.9), splits["train"], splits["val"],
+                  tmp_path / "run", progress=False, log=lambda *a: None)
