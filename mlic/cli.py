@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 
 from mlic.config import IMG_SIZES, TrainConfig
+from mlic.errors import MlicError
 
 T = TrainConfig  # the defaults the help texts state
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -24,24 +25,32 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                        "single-positive labels.")
 
 
+DEBUG = {"on": False}
+
+
+@app.callback()
+def main_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback of user errors too.")] = False,
+) -> None:
+    """Multi-label image classification: train, evaluate and predict; full, partial or single-positive labels."""
+    DEBUG["on"] = debug
+
+
 def user_errors(fn):
-    """Turn the errors a user can cause into one line and exit code 2."""
+    """Turn the errors a user can cause (:class:`MlicError`, ``OSError`` on their paths) into one line and
+    exit code 2; any other exception is a bug and keeps its traceback. ``--debug`` keeps it for all."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from mlic.data.images import ImageError
-        from mlic.data.labelset import LabelSetError
-        from mlic.engine.checkpoint import CheckpointError
-        from mlic.engine.train import TrainingError
-        from mlic.models.backbones import WeightsError
+        from mlic.errors import MlicError
 
         try:
             return fn(*args, **kwargs)
-        except (LabelSetError, ImageError, CheckpointError, WeightsError, TrainingError, ValueError) as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
-        except OSError as e:  # a path a user gave: missing, read-only, full disk
-            typer.echo(f"error: {os_error_line(e)}", err=True)
+        except (MlicError, OSError) as e:
+            if DEBUG["on"]:
+                raise
+            line = os_error_line(e) if isinstance(e, OSError) else str(e)
+            typer.echo(f"error: {line}", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
@@ -70,69 +79,10 @@ def parse_kv(items: list[str] | None, option: str) -> dict:
     out = {}
     for item in items or []:
         if "=" not in item:
-            raise ValueError(f"{option} {item!r}: write KEY=VALUE, e.g. {option} gamma_neg=2")
+            raise MlicError(f"{option} {item!r}: write KEY=VALUE, e.g. {option} gamma_neg=2")
         key, value = item.split("=", 1)
         out[key.strip()] = yaml.safe_load(value)
     return out
-
-
-def resolve_data(data: Path | None, observe: str | None, observe_seed: int, val_fraction: float,
-                 digits_size: str | None, echo=typer.echo):
-    """The (train, val, test) LabelSets a run uses.
-
-    ``data`` None builds MultiDigits. A prepared folder holds LabelSet folders train/ [val/] [test/]:
-    without test/, val/ serves as the test set (as COCO's val2014 does in the papers) and validation is
-    ``val_fraction`` of train held out with RandomState(1200) (Cole et al.'s protocol).
-    """
-    import numpy as np
-
-    from mlic.data.labelset import LabelSet, LabelSetError
-    from mlic.data.observe import observe as apply_observation
-
-    if data is None:
-        from mlic.data.digits import DigitsSpec, build_multidigits
-
-        spec = DigitsSpec()
-        if digits_size:
-            try:
-                n_train, n_val, n_test = (int(v) for v in digits_size.split(","))
-            except ValueError:
-                raise ValueError(f"--digits-size {digits_size!r}: write TRAIN,VAL,TEST, e.g. 4000,1000,2000") from None
-            spec = DigitsSpec(train=n_train, val=n_val, test=n_test)
-        echo(f"data: MultiDigits (train {spec.train}, val {spec.val}, test {spec.test}; built once into the cache)")
-        splits = build_multidigits(spec=spec)
-        train_set, val_set, test_set = splits["train"], splits["val"], splits["test"]
-    else:
-        if not data.is_dir():
-            raise LabelSetError(f"{data}: no such folder; make one with 'mlic prepare' "
-                                "(or omit --data for MultiDigits)")
-        if (data / "labelset.json").exists():
-            found = {"train": LabelSet.load(data)}
-        else:
-            found = {s: LabelSet.load(data / s) for s in ("train", "val", "test")
-                     if (data / s / "labelset.json").exists()}
-        if "train" not in found:
-            raise LabelSetError(f"{data}: no train/ LabelSet inside; prepare the data with 'mlic prepare'")
-        train_set = found["train"]
-        test_set = found.get("test")
-        val_set = found.get("val")
-        if test_set is None and val_set is not None:
-            test_set, val_set = val_set, None
-        for other in (val_set, test_set):
-            if other is not None and other.classes != train_set.classes:
-                raise LabelSetError(f"{data}: the splits have different classes; prepare them together")
-    if observe:  # drawn on the whole training split before any hold-out, as Cole et al. do
-        observed = apply_observation(np.asarray(train_set.targets), observe, observe_seed)
-        train_set = train_set.with_observed(observed)
-        echo(f"labels: {observe} observation of train (seed {observe_seed}): "
-             f"{(observed == 1).sum(1).mean():.2f} positives and {(observed == 0).sum(1).mean():.2f} negatives "
-             "known per image")
-    elif train_set.observed is not None:
-        echo("labels: using the observed labels stored with the data")
-    if val_set is None:
-        train_set, val_set = train_set.hold_out(val_fraction, 1200)
-        echo(f"data: validation = {len(val_set)} images held out of train (RandomState(1200), as Cole et al.)")
-    return train_set, val_set, test_set
 
 
 METRIC_KEYS = ("mAP", "mAP_voc", "CP", "CR", "CF1", "OP", "OR", "OF1", "CF1_top3", "OF1_top3")
@@ -186,8 +136,9 @@ def train(
                                                             "nothing is downloaded.")] = None,
     recipe: Annotated[Path | None, typer.Option(help="YAML recipe (model: and train: sections); options given "
                                                         "on the command line override it.")] = None,
-    mode: Annotated[str, typer.Option(help="finetune (end to end) or linear (probe on cached features).")]
-        = "finetune",
+    mode: Annotated[str | None, typer.Option(help="finetune (end to end, the default), linear (a linear head on "
+                                                  "cached features) or linear-init (linear, then finetune from "
+                                                  "it, as Cole et al.).")] = None,
     loss: Annotated[str | None, typer.Option(help=f"Loss: bce, bce_ls, focal, asl; partial labels: an, an_ls, "
                                                   f"wan, epr, role (default {T.loss}).")] = None,
     loss_arg: Annotated[list[str] | None, typer.Option(help="Loss setting KEY=VALUE (repeatable), e.g. "
@@ -213,8 +164,8 @@ def train(
                                                     "where mirrored digits are other shapes).")] = None,
     freeze: Annotated[list[str] | None, typer.Option(help="Freeze backbone parameters with this name prefix "
                                                              "(repeatable), e.g. conv1.")] = None,
-    workers: Annotated[int | None, typer.Option(help=f"Data-loading worker processes (default {T.workers}).")]
-        = None,
+    workers: Annotated[int | None, typer.Option(help="Data-loading worker processes (default: chosen from the "
+                                                     "core count, and printed).")] = None,
     seed: Annotated[int | None, typer.Option(help=f"Seed of initialisation and data order (default {T.seed}).")]
         = None,
     val_fraction: Annotated[float, typer.Option(help="Share of train held out for validation when the data "
@@ -223,6 +174,17 @@ def train(
                                                          "4000,1000,2000).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace the run already in --out (its files only).")] = False,
+    init_from: Annotated[Path | None, typer.Option(help="Start fine-tuning from this finished run: its model "
+                                                        "weights and loss state (e.g. ROLE's estimated labels).")]
+        = None,
+    linear_arg: Annotated[list[str] | None, typer.Option(help="Setting of the linear phase (--mode linear or "
+                                                               "linear-init) KEY=VALUE, e.g. batch_size=16.")] = None,
+    checkpoint_every: Annotated[float | None, typer.Option(help="Minutes between checkpoints inside an epoch, so "
+                                                                "--resume continues at the next batch (default: "
+                                                                "10 on real data, epoch ends only on MultiDigits).")]
+        = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: chosen with --workers from the "
+                                                      "core count, and printed).")] = None,
     strict_images: Annotated[bool, typer.Option(help="Stop at the first unreadable image instead of skipping "
                                                      "and counting it.")] = False,
     max_bad_images: Annotated[str, typer.Option(help="Unreadable images tolerated per split before the run "
@@ -230,97 +192,93 @@ def train(
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """Train a classifier, keep the best epoch by validation mAP, evaluate it on test, write a report."""
-    from mlic.config import ModelConfig, TrainConfig, load_recipe
-    from mlic.data.images import parse_bad_limit
-    from mlic.engine.checkpoint import claim_run_dir
-    from mlic.engine.report import write_report
-    from mlic.engine.train import train as run_training
-
-    if resume and out is None:
-        raise ValueError("--resume needs --out: the run folder to continue")
-    if mode not in ("finetune", "linear"):
-        raise ValueError(f"--mode {mode!r}: choose finetune or linear")
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"--val-fraction {val_fraction}: choose a share between 0 and 1, e.g. 0.2")
-    if mode == "linear":
-        ignored = {"--weight-decay": weight_decay, "--ema": ema, "--amp": amp, "--augment": augment,
-                   "--hflip/--no-hflip": hflip, "--freeze": freeze, "--resume": resume or None}
-        given = [name for name, value in ignored.items() if value is not None]
-        if given:
-            raise ValueError(f"{', '.join(given)}: not used by --mode linear (a head trained on cached features); "
-                             "drop them or use --mode finetune")
-    bad_limit = parse_bad_limit(max_bad_images)
     import os
 
+    from mlic.config import ModelConfig, TrainConfig, read_recipe
+    from mlic.data.images import parse_bad_limit
+    from mlic.data.splits import training_splits
+    from mlic.engine.checkpoint import claim_run_dir
+    from mlic.engine.job import MODES, TrainJob
+    from mlic.engine.run import run
+    from mlic.errors import MlicError
+
+    recipe_sections = read_recipe(recipe) if recipe else {}
+    mode = mode or recipe_sections.get("mode") or "finetune"
+    if mode not in MODES:
+        raise MlicError(f"--mode {mode!r}: choose one of {', '.join(MODES)}")
+    if resume and out is None:
+        raise MlicError("--resume needs --out: the run folder to continue")
+    if not 0 < val_fraction < 1:
+        raise MlicError(f"--val-fraction {val_fraction}: choose a share between 0 and 1, e.g. 0.2")
+    if checkpoint_every is not None and checkpoint_every < 0:
+        raise MlicError(f"--checkpoint-every {checkpoint_every}: give minutes, 0 or more")
+    if mode == "linear":
+        ignored = {"--weight-decay": weight_decay, "--ema": ema, "--amp": amp, "--augment": augment,
+                   "--hflip/--no-hflip": hflip, "--freeze": freeze, "--resume": resume or None,
+                   "--init-from": init_from, "--checkpoint-every": checkpoint_every}
+        given = [name for name, value in ignored.items() if value is not None]
+        if given:
+            raise MlicError(f"{', '.join(given)}: not used by --mode linear (a head trained on cached features); "
+                            "drop them or use --mode finetune")
+    bad_limit = parse_bad_limit(max_bad_images)
     echo = typer.echo if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)  # one voice under torchrun
-    model_args, train_args = load_recipe(recipe) if recipe else ({}, {})
+    model_args = dict(recipe_sections.get("model") or {})
+    train_args = dict(recipe_sections.get("train") or {})
+    linear_args = dict(recipe_sections.get("linear") or {})
     model_args.update({k: v for k, v in {"backbone": backbone, "head": head, "img_size": img_size}.items()
                        if v is not None})
     model_args.setdefault("head_args", {}).update(parse_kv(head_arg, "--head-arg"))
     cli_train = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "ema": ema,
                  "amp": amp, "augment": augment, "hflip": hflip, "freeze": freeze, "workers": workers,
-                 "seed": seed, "loss": loss}
+                 "threads": threads, "seed": seed, "loss": loss}
+    if mode == "linear":  # --epochs, --batch-size, --lr set the probe
+        linear_args.update({k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr}.items()
+                            if v is not None})
     train_args.update({k: v for k, v in cli_train.items() if v is not None})
     train_args.setdefault("loss_args", {}).update(parse_kv(loss_arg, "--loss-arg"))
-    if data is None and mode == "finetune":  # tuned for the 5-minute demo on 2 cores
+    linear_args.update(parse_kv(linear_arg, "--linear-arg"))
+    if data is None and mode != "linear":  # tuned for the 5-minute demo on 2 cores
         train_args.setdefault("hflip", False)
         train_args.setdefault("epochs", 15)
         train_args.setdefault("lr", 4e-3)
     cfg = TrainConfig.from_dict(train_args)  # impossible settings are refused here, before any work
     ModelConfig.from_dict({**model_args, "num_classes": 1})
+    if linear_args:
+        from mlic.engine.linear import LinearProbeConfig
+
+        LinearProbeConfig.from_dict(linear_args)
     out = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    if checkpoint_every is None and data is not None:
+        checkpoint_every = 10.0
     if os.environ.get("RANK", "0") == "0":
         claim_run_dir(out, resume=resume, overwrite=overwrite)
-    train_set, val_set, test_set = resolve_data(data, observe, observe_seed, val_fraction, digits_size, echo)
-    model_args["num_classes"] = train_set.num_classes
+    splits = training_splits(data, observe, observe_seed, val_fraction, digits_size, echo)
+    model_args["num_classes"] = splits.train.num_classes
     model_cfg = ModelConfig.from_dict(model_args)
     echo(f"model: {model_cfg.backbone} + {model_cfg.head} head, {model_cfg.num_classes} classes, "
          f"{model_cfg.img_size}px; loss {cfg.loss}; mode {mode}; run folder {out}")
+    job = TrainJob(model_cfg, cfg, splits, Path(out), mode=mode, linear=linear_args,
+                   pretrained=str(pretrained) if pretrained else None, init_from=init_from, resume=resume,
+                   checkpoint_every=checkpoint_every if mode != "linear" else None, strict_images=strict_images,
+                   max_bad_images=bad_limit, progress=not quiet, log=echo)
     try:
-        if mode == "linear":
-            from mlic.engine.linear import LinearProbeConfig
-            from mlic.engine.probe import run_linear_probe
-
-            chosen = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}.items()
-                      if v is not None}  # otherwise the probe's own defaults (25 epochs, batch 1024, lr 7e-3)
-            if batch_size is None and len(train_set) < 32 * LinearProbeConfig.batch_size:
-                chosen["batch_size"] = max(16, len(train_set) // 32)  # keep ≥ 32 steps per epoch on small data
-            probe = LinearProbeConfig(loss=cfg.loss, loss_args=cfg.loss_args,
-                                      estimator_lr_mult=cfg.estimator_lr_mult, **chosen)
-            result = run_linear_probe(model_cfg, probe, train_set, val_set, test_set, out, pretrained, cfg.workers,
-                                      quiet=quiet, log=echo, max_bad_images=bad_limit, strict_images=strict_images)
-        else:
-            t0 = time.perf_counter()
-            result = run_training(model_cfg, cfg, train_set, val_set, out, test_set=test_set, resume=resume,
-                                  pretrained=str(pretrained) if pretrained else None, strict_images=strict_images,
-                                  progress=not quiet, max_bad_images=bad_limit, log=echo)
-            echo(f"trained in {time.perf_counter() - t0:.0f}s; best epoch {result.best_epoch} "
-                 f"(val mAP {result.best_val_map:.2f})")
+        result = run(job)
     except KeyboardInterrupt:
         echo(f"interrupted; continue with: mlic train --resume --out {out} (and the same options)", err=True)
         raise typer.Exit(130) from None
+    if mode != "linear":
+        echo(f"trained in {result.seconds:.0f}s; best epoch {result.best_epoch} (val mAP {result.best_val_map:.2f})")
     if result.bad_images:
         echo(f"train: skipped {result.bad_images} unreadable images in all (see the lines above)")
     if result.test_metrics is not None:
-        import numpy as np
-
-        scores_path = Path(out) / "test_scores.npy"
-        scores = np.load(scores_path) if scores_path.exists() else None
         unreadable = result.test_metrics.get("unreadable_images", 0)
-        title = f"test ({len(test_set) - unreadable} images" + (f", {unreadable} unreadable skipped)" if unreadable
-                                                               else ")")
-        print_metrics(result.test_metrics, train_set.classes, title)
-        write_report(Path(out), f"mlic run {Path(out).name}", result.test_metrics, train_set.classes,
-                              result.history, scores, test_set.targets,
-                              notes=[f"model: {model_cfg.backbone} + {model_cfg.head}; loss {cfg.loss}; "
-                                     f"best epoch {result.best_epoch}"])
-        metrics_json = {k: v for k, v in result.test_metrics.items() if k != "per_class_ap"}
-        metrics_json["per_class_ap"] = dict(zip(train_set.classes, map(float, result.test_metrics["per_class_ap"])))
-        from mlic.io import atomic_write_bytes
-
-        atomic_write_bytes(Path(out) / "test_metrics.json", json.dumps(metrics_json, indent=1).encode())
-    present = sorted(p.name + ("/" if p.is_dir() else "") for p in Path(out).iterdir() if not p.name.startswith("."))
-    echo(f"outputs: {out}/ ({', '.join(present)})")
+        title = f"test ({len(splits.test) - unreadable} images" + (f", {unreadable} unreadable skipped)"
+                                                                   if unreadable else ")")
+        print_metrics(result.test_metrics, splits.train.classes, title)
+    if os.environ.get("RANK", "0") == "0":
+        present = sorted(p.name + ("/" if p.is_dir() else "") for p in Path(out).iterdir()
+                         if not p.name.startswith("."))
+        echo(f"outputs: {out}/ ({', '.join(present)})")
 
 
 @app.command("eval")
@@ -341,25 +299,14 @@ def evaluate(
 ) -> None:
     """Evaluate a saved model: mAP (sklearn-style and VOC-interpolated), CP/CR/CF1/OP/OR/OF1, per-class AP."""
     from mlic.data.images import BadImageCheck, parse_bad_limit
-    from mlic.data.labelset import LabelSet, LabelSetError
+    from mlic.data.labelset import LabelSetError
+    from mlic.data.splits import evaluation_split
     from mlic.engine.checkpoint import load_model
     from mlic.engine.evaluate import evaluate_scores, score_labelset
 
     bad_limit = parse_bad_limit(max_bad_images)
     model, meta = load_model(checkpoint)
-    if data is None:
-        from mlic.data.digits import build_multidigits
-
-        labelset = build_multidigits()["test"]
-    elif (data / "labelset.json").exists():
-        labelset = LabelSet.load(data)
-    else:
-        if not (data / split / "labelset.json").exists():
-            fallback = "val" if split == "test" and (data / "val" / "labelset.json").exists() else None
-            if fallback is None:
-                raise LabelSetError(f"{data / split}: no LabelSet there; pass --split or a prepared folder")
-            split = fallback
-        labelset = LabelSet.load(data / split)
+    labelset = evaluation_split(data, split)
     if labelset.classes != meta["classes"]:
         raise LabelSetError(f"{checkpoint}: the model's {len(meta['classes'])} classes do not match the "
                             f"{labelset.num_classes} classes of {data}; evaluate on data with the same classes")
@@ -403,7 +350,7 @@ def predict(
     predictor = Predictor(checkpoint)
     paths = list_images(inputs)
     if not paths:
-        raise ValueError(f"no images found in {', '.join(map(str, inputs))}")
+        raise MlicError(f"no images found in {', '.join(map(str, inputs))}")
     results = predictor.predict(paths, batch_size, threshold, top_k)
     for r in results:
         if r.error:

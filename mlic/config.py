@@ -8,19 +8,22 @@ from pathlib import Path
 
 import yaml
 
+from mlic.errors import MlicError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMG_SIZES = (16, 4096)
 """The square input sizes a model may have, smallest and largest."""
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 AUGMENTS = ("none", "light", "randaugment")
+SCHEDULES = ("onecycle", "constant")
 
 
 def check_fields(cls: type, d: dict, what: str) -> dict:
     """A copy of ``d`` after checking that every key is a field of the dataclass ``cls``."""
     unknown = set(d) - {f.name for f in fields(cls)}
     if unknown:
-        raise ValueError(f"unknown {what} config fields: {sorted(unknown)}")
+        raise MlicError(f"unknown {what} config fields: {sorted(unknown)}")
     return dict(d)
 
 
@@ -47,10 +50,10 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.img_size, int) and IMG_SIZES[0] <= self.img_size <= IMG_SIZES[1]):
-            raise ValueError(f"--img-size {self.img_size}: choose a whole number of pixels from {IMG_SIZES[0]} "
+            raise MlicError(f"--img-size {self.img_size}: choose a whole number of pixels from {IMG_SIZES[0]} "
                              f"to {IMG_SIZES[1]}")
         if not (isinstance(self.num_classes, int) and self.num_classes >= 1):
-            raise ValueError(f"num_classes {self.num_classes}: a model needs at least one class")
+            raise MlicError(f"num_classes {self.num_classes}: a model needs at least one class")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -78,6 +81,8 @@ class TrainConfig:
     """Peak learning rate of the OneCycle schedule (AdamW)."""
     weight_decay: float = 1e-4
     """AdamW weight decay (not applied to norms and biases)."""
+    schedule: str = "onecycle"
+    """Learning-rate schedule: "onecycle" (warm-up then cosine decay) or "constant" (Cole et al.'s runs)."""
     pct_start: float = 0.2
     """Fraction of the steps spent warming the learning rate up (OneCycle)."""
     loss: str = "bce"
@@ -90,8 +95,10 @@ class TrainConfig:
     """Gradient-norm clipping threshold (0 disables)."""
     amp: str = "auto"
     """Mixed precision: "auto" (bf16/fp16 on CUDA, fp32 on CPU), "bf16", "fp16", "off"."""
-    workers: int = 2
-    """DataLoader worker processes."""
+    workers: int | None = None
+    """DataLoader worker processes (None: chosen from the core count, see mlic.engine.run.choose_threads)."""
+    threads: int | None = None
+    """torch threads (None: chosen from the core count with the workers)."""
     seed: int = 0
     """Seed of initialisation, data order and augmentation."""
     augment: str = "light"
@@ -108,7 +115,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         def need(ok: bool, option: str, rule: str) -> None:
             if not ok:
-                raise ValueError(f"--{option.replace('_', '-')} {getattr(self, option)!r}: {rule}")
+                raise MlicError(f"--{option.replace('_', '-')} {getattr(self, option)!r}: {rule}")
 
         def number(v) -> bool:
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -117,11 +124,15 @@ class TrainConfig:
         need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "use at least 1 image per step")
         need(number(self.lr) and self.lr > 0, "lr", "the learning rate must be a positive number")
         need(number(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "must be 0 or more")
+        need(self.schedule in SCHEDULES, "schedule", f"choose one of {', '.join(SCHEDULES)}")
         need(number(self.pct_start) and 0 <= self.pct_start < 1, "pct_start", "must be in [0, 1)")
         need(number(self.ema) and 0 <= self.ema < 1, "ema", "the EMA decay must be in [0, 1) (0 disables it)")
         need(number(self.clip_grad) and self.clip_grad >= 0, "clip_grad", "must be 0 (off) or more")
         need(self.amp in AMP_MODES, "amp", f"choose one of {', '.join(AMP_MODES)}")
-        need(isinstance(self.workers, int) and self.workers >= 0, "workers", "must be 0 or more")
+        need(self.workers is None or isinstance(self.workers, int) and self.workers >= 0, "workers",
+             "must be 0 or more")
+        need(self.threads is None or isinstance(self.threads, int) and self.threads >= 1, "threads",
+             "must be 1 or more")
         need(isinstance(self.seed, int) and self.seed >= 0, "seed", "must be a whole number, 0 or more")
         need(self.augment in AUGMENTS, "augment", f"choose one of {', '.join(AUGMENTS)}")
         need(number(self.estimator_lr_mult) and self.estimator_lr_mult > 0, "estimator_lr_mult", "must be positive")
@@ -134,13 +145,23 @@ class TrainConfig:
         return cls(**check_fields(cls, d, "train"))
 
 
-def load_recipe(path: str | Path) -> tuple[dict, dict]:
-    """Read a YAML recipe with optional ``model:`` and ``train:`` sections; returns the two dicts."""
+RECIPE_SECTIONS = ("description", "mode", "model", "train", "linear")
+
+
+def read_recipe(path: str | Path) -> dict:
+    """Every section of a YAML recipe: ``model:`` (ModelConfig fields), ``train:`` (TrainConfig fields),
+    and optionally ``mode:`` (finetune, linear, linear-init) and ``linear:`` (the linear phase's settings)."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"{path}: cannot read recipe ({e})") from None
-    if not isinstance(data, dict) or set(data) - {"model", "train", "description"}:
-        raise ValueError(f"{path}: a recipe holds only 'model', 'train' and 'description' sections")
-    return dict(data.get("model") or {}), dict(data.get("train") or {})
+        raise MlicError(f"{path}: cannot read recipe ({e})") from None
+    if not isinstance(data, dict) or set(data) - set(RECIPE_SECTIONS):
+        raise MlicError(f"{path}: a recipe holds only the sections {', '.join(RECIPE_SECTIONS)}")
+    return {key: data.get(key) for key in RECIPE_SECTIONS}
+
+
+def load_recipe(path: str | Path) -> tuple[dict, dict]:
+    """The ``model:`` and ``train:`` sections of a recipe (see :func:`read_recipe`)."""
+    sections = read_recipe(path)
+    return dict(sections["model"] or {}), dict(sections["train"] or {})

@@ -20,6 +20,8 @@ from typing import IO
 
 import numpy as np
 
+from mlic.errors import MlicError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -151,7 +153,7 @@ def check_writable(folder: str | os.PathLike, what: str) -> Path:
     return folder
 
 
-class UnsafeFileError(ValueError):
+class UnsafeFileError(MlicError):
     """A torch file is not a checkpoint, or holds objects other than tensors and plain containers."""
 
 

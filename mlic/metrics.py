@@ -39,6 +39,8 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 
+from mlic.errors import MlicError
+
 APMode = Literal["sklearn", "voc"]
 EmptyRule = Literal["zero", "exclude"]
 
@@ -59,14 +61,14 @@ def _validate(scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.n
     scores = np.asarray(scores)
     targets = np.asarray(targets)
     if scores.ndim != 2 or scores.shape != targets.shape:
-        raise ValueError(f"scores and targets must both have shape (N, K); got {scores.shape} and {targets.shape}")
+        raise MlicError(f"scores and targets must both have shape (N, K); got {scores.shape} and {targets.shape}")
     if not np.issubdtype(scores.dtype, np.floating):
         scores = scores.astype(np.float64)
     if not np.isfinite(scores).all():
-        raise ValueError("scores contain NaN or infinity")
+        raise MlicError("scores contain NaN or infinity")
     targets_int = targets.astype(np.int8)
     if not ((targets_int == targets) & (targets_int >= -1) & (targets_int <= 1)).all():
-        raise ValueError("targets must contain only 1 (positive), 0 (negative) and -1 (unknown)")
+        raise MlicError("targets must contain only 1 (positive), 0 (negative) and -1 (unknown)")
     return scores, targets_int
 
 
@@ -213,9 +215,9 @@ def _warn_empty(ap: np.ndarray, consequence: str, stacklevel: int) -> None:
 
 def _check_options(mode: APMode, empty: EmptyRule = "zero") -> None:
     if mode not in ("sklearn", "voc"):
-        raise ValueError(f"mode must be 'sklearn' or 'voc', got {mode!r}")
+        raise MlicError(f"mode must be 'sklearn' or 'voc', got {mode!r}")
     if empty not in ("zero", "exclude"):
-        raise ValueError(f"empty must be 'zero' or 'exclude', got {empty!r}")
+        raise MlicError(f"empty must be 'zero' or 'exclude', got {empty!r}")
 
 
 def _mean_ap(ap: np.ndarray, empty: EmptyRule) -> float:
@@ -273,7 +275,7 @@ def mean_average_precision(
 def _top_k_mask(scores: np.ndarray, k: int) -> np.ndarray:
     """True at each row's ``k`` highest scores, shape ``(N, K)``; ties at the cut go to lower columns."""
     if k < 1:
-        raise ValueError(f"top_k must be a positive integer, got {k}")
+        raise MlicError(f"top_k must be a positive integer, got {k}")
     num_classes = scores.shape[1]
     if k >= num_classes:
         return np.ones(scores.shape, dtype=bool)
@@ -296,7 +298,7 @@ def _threshold_metrics(
 ) -> dict[str, float]:
     threshold = np.asarray(threshold, dtype=np.float64)
     if threshold.ndim > 1 or threshold.size not in (1, scores.shape[1]):
-        raise ValueError(f"threshold must be a float or an array of shape ({scores.shape[1]},), got {threshold.shape}")
+        raise MlicError(f"threshold must be a float or an array of shape ({scores.shape[1]},), got {threshold.shape}")
     predicted = (scores >= threshold) & (targets >= 0)
     if top_k is not None:
         predicted &= _top_k_mask(scores, top_k)
@@ -456,7 +458,7 @@ def known_average_precision(scores: np.ndarray, targets, chunk_entries: int = 1 
         AP in [0, 1], shape ``(K,)``; NaN for classes with no known positive (with a warning).
     """
     if scores.ndim != 2 or tuple(scores.shape) != tuple(targets.shape):
-        raise ValueError(f"scores and targets must both have shape (N, K); got {scores.shape} and {targets.shape}")
+        raise MlicError(f"scores and targets must both have shape (N, K); got {scores.shape} and {targets.shape}")
     n, k = scores.shape
     by_class = targets.by_class() if hasattr(targets, "by_class") else None
     step = max(1, chunk_entries // max(n, 1))
@@ -473,12 +475,12 @@ def known_average_precision(scores: np.ndarray, targets, chunk_entries: int = 1 
             group, rows = np.nonzero(block != -1)
             values = block[group, rows]
         if values.size and not np.isin(values, (0, 1)).all():
-            raise ValueError("targets must contain only 1 (positive), 0 (negative) and -1 (unknown)")
+            raise MlicError("targets must contain only 1 (positive), 0 (negative) and -1 (unknown)")
         score = np.asarray(scores[rows, group + c0])
         if not np.issubdtype(score.dtype, np.floating):
             score = score.astype(np.float64)
         if not np.isfinite(score).all():
-            raise ValueError(f"scores contain NaN or infinity (classes {c0}..{c1 - 1})")
+            raise MlicError(f"scores contain NaN or infinity (classes {c0}..{c1 - 1})")
         ap[c0:c1] = _ap_of_groups(group, score, values == 1, c1 - c0)
     _warn_empty(ap, "their AP is NaN", stacklevel=3)
     return ap

@@ -5,6 +5,8 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 
+from mlic.errors import MlicError
+
 
 def registrar(table: dict, kind: str) -> Callable[[str], Callable]:
     """A decorator factory adding entries to ``table`` under a name; a name registered twice is refused.
@@ -19,7 +21,7 @@ def registrar(table: dict, kind: str) -> Callable[[str], Callable]:
     def register(name: str) -> Callable:
         def add(obj):
             if name in table:
-                raise ValueError(f"{kind} '{name}' is registered twice")
+                raise MlicError(f"{kind} '{name}' is registered twice")
             table[name] = obj
             return obj
 
@@ -51,5 +53,5 @@ def check_arguments(factory: Callable, kwargs: dict, what: str, option: str, ski
     valid = accepted_arguments(factory, skip)
     unknown = [] if valid is None else sorted(set(kwargs) - set(valid))
     if unknown:
-        raise ValueError(f"{option} {', '.join(unknown)}: not a setting of {what}; valid keys: "
+        raise MlicError(f"{option} {', '.join(unknown)}: not a setting of {what}; valid keys: "
                          f"{', '.join(valid) or 'none'}")

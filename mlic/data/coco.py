@@ -27,6 +27,7 @@ import numpy as np
 from pycocotools.coco import COCO
 
 from mlic.data.labelset import LabelSet, LabelSetError
+from mlic.errors import MlicError
 
 ORDERS = ("all", "cole")
 
@@ -50,7 +51,7 @@ def read_coco(annotation_file: str | os.PathLike, images: str | os.PathLike, ord
         LabelSetError: the file is missing, not JSON, or a field is missing or inconsistent.
     """
     if order not in ORDERS:
-        raise ValueError(f"unknown COCO order '{order}'; choose one of {ORDERS}")
+        raise MlicError(f"unknown COCO order '{order}'; choose one of {ORDERS}")
     path = Path(annotation_file)
     data = _load_json(path)
     _check(path, data)

@@ -25,6 +25,7 @@ import numpy as np
 
 from mlic.data.labelset import LabelSet, LabelSetError
 from mlic.data.table import read_lines
+from mlic.errors import MlicError
 
 
 def read_cub(root: str | os.PathLike, min_certainty: int = 1) -> dict[str, LabelSet]:
@@ -43,7 +44,7 @@ def read_cub(root: str | os.PathLike, min_certainty: int = 1) -> dict[str, Label
             some attribute.
     """
     if not 1 <= min_certainty <= 4:
-        raise ValueError(f"min_certainty must be 1..4, got {min_certainty}")
+        raise MlicError(f"min_certainty must be 1..4, got {min_certainty}")
     root = Path(root)
     if not (root / "images.txt").is_file() and (root / "CUB_200_2011" / "images.txt").is_file():
         root = root / "CUB_200_2011"

@@ -29,6 +29,7 @@ from torch.utils.data import Subset
 from mlic.config import IMAGENET_MEAN, IMAGENET_STD
 from mlic.data.images import BadImageCheck, ImageDataset, build_transform, make_loader, normalize
 from mlic.data.labelset import LabelSet, atomic_write_bytes
+from mlic.errors import MlicError
 
 FEATURES_FORMAT = 1
 
@@ -71,7 +72,7 @@ def load_features(path: str | os.PathLike) -> np.ndarray:
     """Memory-map a finished feature file (N, C), read-only."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: feature file not found; extract features first")
+        raise MlicError(f"{path}: feature file not found; extract features first")
     return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
@@ -118,7 +119,7 @@ def extract_features(
     backbone = model.backbone if hasattr(model, "backbone") else model
     img_size = img_size or (config.img_size if config is not None else None)
     if img_size is None:
-        raise ValueError("img_size is required when the model is a bare backbone")
+        raise MlicError("img_size is required when the model is a bare backbone")
     mean = tuple(mean or (config.mean if config is not None else IMAGENET_MEAN))
     std = tuple(std or (config.std if config is not None else IMAGENET_STD))
     dtype = np.float16 if float16 else np.float32

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from mlic.data.labelset import LabelSet, atomic_save_npy
+from mlic.errors import MlicError
 
 
 def formatted_paths(directory: str | os.PathLike, split: str) -> dict[str, Path]:
@@ -29,27 +30,27 @@ def formatted_paths(directory: str | os.PathLike, split: str) -> dict[str, Path]
 
 def _load(path: Path, field: str) -> np.ndarray:
     if not path.is_file():
-        raise ValueError(f"{path}: file not found (field '{field}')")
+        raise MlicError(f"{path}: file not found (field '{field}')")
     try:
         return np.load(path, allow_pickle=False)
     except ValueError as e:
         if "pickle" in str(e):
-            raise ValueError(f"{path}: field '{field}' holds Python objects; re-save it as a plain NumPy array "
+            raise MlicError(f"{path}: field '{field}' holds Python objects; re-save it as a plain NumPy array "
                              "(np.save(path, np.asarray(x, dtype=str)))") from None
-        raise ValueError(f"{path}: field '{field}' is not a readable .npy file ({e})") from None
+        raise MlicError(f"{path}: field '{field}' is not a readable .npy file ({e})") from None
     except OSError as e:
-        raise ValueError(f"{path}: field '{field}' cannot be read ({e})") from None
+        raise MlicError(f"{path}: field '{field}' cannot be read ({e})") from None
 
 
 def _check_values(array: np.ndarray, allowed: tuple[int, ...], path: Path, field: str) -> None:
     if array.ndim != 2:
-        raise ValueError(f"{path}: field '{field}' must be a 2-D (images x classes) matrix, got shape {array.shape}")
+        raise MlicError(f"{path}: field '{field}' must be a 2-D (images x classes) matrix, got shape {array.shape}")
     if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
-        raise ValueError(f"{path}: field '{field}' must be numeric, got dtype {array.dtype}")
+        raise MlicError(f"{path}: field '{field}' must be numeric, got dtype {array.dtype}")
     bad = ~np.isin(array, allowed)
     if bad.any():
         found = np.unique(array[bad])[:5].tolist()
-        raise ValueError(f"{path}: field '{field}' may hold only {list(allowed)}, found {found}")
+        raise MlicError(f"{path}: field '{field}' may hold only {list(allowed)}, found {found}")
 
 
 def import_formatted(directory: str | os.PathLike, split: str, root: str | os.PathLike = ".",
@@ -75,24 +76,24 @@ def import_formatted(directory: str | os.PathLike, split: str, root: str | os.Pa
     _check_values(labels, (0, 1), paths["labels"], "labels")
     images = _load(paths["images"], "images")
     if images.ndim != 1 or images.dtype.kind not in "US":
-        raise ValueError(f"{paths['images']}: field 'images' must be a 1-D array of path strings, got "
+        raise MlicError(f"{paths['images']}: field 'images' must be a 1-D array of path strings, got "
                          f"shape {images.shape} dtype {images.dtype}")
     if len(images) != len(labels):
-        raise ValueError(f"{paths['images']}: field 'images' has {len(images)} paths but {paths['labels'].name} has "
+        raise MlicError(f"{paths['images']}: field 'images' has {len(images)} paths but {paths['labels'].name} has "
                          f"{len(labels)} rows")
     obs = None
     if observed or (observed is None and paths["labels_obs"].is_file()):
         theirs = _load(paths["labels_obs"], "labels_obs")
         _check_values(theirs, (-1, 0, 1), paths["labels_obs"], "labels_obs")
         if theirs.shape != labels.shape:
-            raise ValueError(f"{paths['labels_obs']}: field 'labels_obs' has shape {theirs.shape}, labels "
+            raise MlicError(f"{paths['labels_obs']}: field 'labels_obs' has shape {theirs.shape}, labels "
                              f"{labels.shape}")
         obs = np.where(theirs == 0, -1, np.where(theirs == -1, 0, 1)).astype(np.int8)
     num_classes = labels.shape[1]
     if classes is None:
         classes = [str(j) for j in range(num_classes)]
     elif len(classes) != num_classes:
-        raise ValueError(f"{paths['labels']}: field 'labels' has {num_classes} columns but {len(classes)} class "
+        raise MlicError(f"{paths['labels']}: field 'labels' has {num_classes} columns but {len(classes)} class "
                          "names were given")
     paths_str = [str(p.decode() if isinstance(p, bytes) else p) for p in images.tolist()]
     return LabelSet(classes=list(classes), image_paths=paths_str, targets=labels.astype(np.int8), root=str(root),
@@ -109,7 +110,7 @@ def export_formatted(labelset: LabelSet, directory: str | os.PathLike, split: st
         The paths written.
     """
     if (labelset.targets == -1).any():
-        raise ValueError(f"labelset '{labelset.split}': field 'targets' has unknown (-1) entries; Cole et al.'s "
+        raise MlicError(f"labelset '{labelset.split}': field 'targets' has unknown (-1) entries; Cole et al.'s "
                          "labels file holds full 1/0 labels only (put partial labels in 'observed')")
     paths = formatted_paths(directory, split)
     atomic_save_npy(paths["labels"], np.asarray(labelset.targets, dtype=np.float64))

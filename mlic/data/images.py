@@ -27,6 +27,7 @@ from torchvision.transforms import v2
 
 from mlic.config import AUGMENTS
 from mlic.data.labelset import LabelSet
+from mlic.errors import MlicError
 
 try:  # torchvision 0.29 deprecates its decoders for TorchCodec; without them PIL decodes everything
     from torchvision.io import ImageReadMode, decode_jpeg, read_file
@@ -34,7 +35,7 @@ except ImportError:
     decode_jpeg = None
 
 
-class ImageError(ValueError):
+class ImageError(MlicError):
     """An image cannot be read; the message names the file."""
 
 
@@ -181,7 +182,7 @@ def build_transform(img_size: int, train: bool, augment: str = "light", hflip: b
     decode size that keeps full quality, and ``tensor_input = True``.
     """
     if augment not in AUGMENTS:
-        raise ValueError(f"unknown augment '{augment}'; choose none, light or randaugment")
+        raise MlicError(f"unknown augment '{augment}'; choose none, light or randaugment")
     size = (img_size, img_size)
     steps: list = [ToUint8Tensor()]
     decode_size = img_size
@@ -243,13 +244,57 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labelset)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, item: int | tuple[int, int]):
+        i, seed = item if isinstance(item, tuple) else (item, None)
         target = torch.from_numpy(np.array(self.targets[i], dtype=np.int8))
         try:
-            img = read_image(self.labelset.path(i), self.transform, self.decode_size)
+            if seed is None:
+                img = read_image(self.labelset.path(i), self.transform, self.decode_size)
+            else:  # the augmentation draws of this sample depend on its seed only, not on worker or order
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    img = read_image(self.labelset.path(i), self.transform, self.decode_size)
         except ImageError as e:
             return None, target, i, str(e)
         return img, target, i, None
+
+
+class EpochOrder(torch.utils.data.Sampler):
+    """The training order: a fresh permutation each epoch, a function of (seed, epoch) alone, so a resumed
+    run replays it exactly, from any batch. Yields (row, sample seed) pairs for :class:`ImageDataset`.
+
+    Under DDP each rank takes every ``world``-th row of the (padded) permutation, as DistributedSampler does.
+
+    Args:
+        num_rows: rows of the training set.
+        seed: the run's seed.
+        rank, world: this process's place under DDP (0, 1 without).
+    """
+
+    def __init__(self, num_rows: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.num_rows, self.seed, self.rank, self.world = num_rows, seed, rank, world
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """The epoch to draw, and how many of this rank's rows of it were already used (a resumed epoch)."""
+        self.epoch, self.start = epoch, start
+
+    def rows(self) -> torch.Tensor:
+        """This rank's rows of the epoch, in order (before ``start`` is skipped)."""
+        key = (self.seed * 1_000_003 + self.epoch) % 2**62
+        order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(key))
+        per_rank = math.ceil(self.num_rows / self.world)
+        order = torch.cat([order, order[:per_rank * self.world - self.num_rows]])  # pad, as DistributedSampler
+        return order[self.rank::self.world]
+
+    def __iter__(self):
+        key = (self.seed * 1_000_003 + self.epoch) % 2**62
+        rows = self.rows().tolist()
+        for position in range(self.start, len(rows)):
+            yield rows[position], (key * 1_000_033 + position * self.world + self.rank) % 2**62
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_rows / self.world) - self.start
 
 
 def read_image(path: str | Path, transform, decode_size: int | None = None) -> torch.Tensor:
@@ -275,7 +320,7 @@ def parse_bad_limit(text: str | float | int) -> float:
     except ValueError:
         value = -1.0
     if not (value >= 0 and math.isfinite(value)) or (value >= 1 and not value.is_integer()):
-        raise ValueError(f"--max-bad-images {text!r}: write a share like 1% or 0.01, or a count like 25")
+        raise MlicError(f"--max-bad-images {text!r}: write a share like 1% or 0.01, or a count like 25")
     return value
 
 

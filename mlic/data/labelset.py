@@ -38,6 +38,7 @@ from typing import Literal
 
 import numpy as np
 
+from mlic.errors import MlicError
 from mlic.io import atomic_npy_memmap, atomic_save_npy, atomic_write_bytes  # noqa: F401  (re-exported)
 
 FORMAT_VERSION = 1
@@ -52,7 +53,7 @@ _SPARSE_PARTS = ("indptr", "indices", "values")
 Storage = Literal["auto", "dense", "sparse"]
 
 
-class LabelSetError(ValueError):
+class LabelSetError(MlicError):
     """A LabelSet is malformed; the message names the file or field and the fix."""
 
 
@@ -305,7 +306,7 @@ def cole_split(num_images: int, val_fraction: float = 0.2, seed: int = 1200) -> 
         (train rows, validation rows), sorted int64 arrays.
     """
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise MlicError(f"val_fraction must be in [0, 1), got {val_fraction}")
     n_val = int(np.round(val_fraction * num_images))
     perm = np.random.RandomState(seed).permutation(num_images)
     train = np.sort(perm[: num_images - n_val])
@@ -429,7 +430,7 @@ class LabelSet:
                 :data:`SPARSE_ABOVE_BYTES` and the sparse files take at most half of it).
         """
         if storage not in ("auto", "dense", "sparse"):
-            raise ValueError(f"storage must be 'auto', 'dense' or 'sparse', got {storage!r}")
+            raise MlicError(f"storage must be 'auto', 'dense' or 'sparse', got {storage!r}")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         sparse = []

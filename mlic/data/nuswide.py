@@ -21,6 +21,7 @@ import numpy as np
 
 from mlic.data.labelset import LabelSet, LabelSetError
 from mlic.data.table import read_lines
+from mlic.errors import MlicError
 
 SPLITS = {"train": "Train", "test": "Test"}
 
@@ -56,7 +57,7 @@ def read_nuswide(root: str | os.PathLike, split: str = "train", images: str = "F
         LabelSetError: a file is missing, a label file has the wrong length or a value other than 0/1.
     """
     if split not in SPLITS:
-        raise ValueError(f"unknown NUS-WIDE split '{split}'; choose train or test")
+        raise MlicError(f"unknown NUS-WIDE split '{split}'; choose train or test")
     root = Path(root)
     concepts = read_concepts(root)
     list_path = root / "ImageList" / f"{SPLITS[split]}Imagelist.txt"

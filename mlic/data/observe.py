@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from mlic.data.labelset import check_targets
+from mlic.errors import MlicError
 
 
 def observe_uniform(targets: np.ndarray, num_pos: int = 1, num_neg: int = 0, seed: int = 1200) -> np.ndarray:
@@ -50,7 +51,7 @@ def single_positive(targets: np.ndarray, seed: int = 1200) -> np.ndarray:
 def partial(targets: np.ndarray, keep: float, seed: int = 1200) -> np.ndarray:
     """Each known entry kept with probability ``keep``, independently; the rest become unknown (-1)."""
     if not 0.0 <= keep <= 1.0:
-        raise ValueError(f"keep must be a probability in [0, 1], got {keep}")
+        raise MlicError(f"keep must be a probability in [0, 1], got {keep}")
     targets = check_targets(targets)
     mask = np.random.RandomState(seed).random_sample(targets.shape) < keep
     return np.where(mask, targets, np.int8(-1)).astype(np.int8)
@@ -66,6 +67,6 @@ def observe(targets: np.ndarray, scheme: str | None, seed: int = 1200) -> np.nda
         try:
             keep = float(scheme.split(":", 1)[1])
         except ValueError:
-            raise ValueError(f"bad observation scheme '{scheme}': write partial:P with P a number, e.g. partial:0.3")
+            raise MlicError(f"bad observation scheme '{scheme}': write partial:P with P a number, e.g. partial:0.3")
         return partial(targets, keep, seed)
-    raise ValueError(f"unknown observation scheme '{scheme}': use full, single-positive or partial:P")
+    raise MlicError(f"unknown observation scheme '{scheme}': use full, single-positive or partial:P")

@@ -38,6 +38,7 @@ from mlic.data.nuswide import read_nuswide
 from mlic.data.observe import observe as draw_observed
 from mlic.data.table import read_table
 from mlic.data.voc import find_voc, read_voc
+from mlic.errors import MlicError
 from mlic.io import remove_stale, replace_dir, temp_dir_for
 
 
@@ -103,7 +104,7 @@ READERS: dict[str, Callable[..., dict[str, LabelSet]]] = {
 def kind_options(kind: str) -> dict[str, object]:
     """The options ``prepare`` accepts for ``kind`` beyond the common ones, with their defaults."""
     if kind not in READERS:
-        raise ValueError(f"unknown data set kind '{kind}'; choose one of {sorted(READERS)}")
+        raise MlicError(f"unknown data set kind '{kind}'; choose one of {sorted(READERS)}")
     params = list(inspect.signature(READERS[kind]).parameters.values())[1:]
     return {p.name: p.default for p in params}
 
@@ -140,9 +141,9 @@ def prepare(kind: str, root: str | os.PathLike, out: str | os.PathLike, observe:
     known = kind_options(kind)
     unknown = sorted(set(options) - set(known))
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for {kind}; it takes {sorted(known)}")
+        raise MlicError(f"unknown option(s) {unknown} for {kind}; it takes {sorted(known)}")
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise MlicError(f"val_fraction must be in [0, 1), got {val_fraction}")
     draw_observed(np.zeros((0, 1), np.int8), observe, seed)  # an unknown scheme fails before any reading
     sets = READERS[kind](Path(root), **options)
     observed = draw_observed(sets["train"].targets, observe, seed)
@@ -188,7 +189,7 @@ def check_replaceable(out: Path) -> None:
 
 def _carve_validation(sets: dict[str, LabelSet], fraction: float, seed: int) -> dict[str, LabelSet]:
     if "val" in sets and "test" in sets:
-        raise ValueError("the data set already has val and test splits; val_fraction must be 0")
+        raise MlicError("the data set already has val and test splits; val_fraction must be 0")
     train, val = sets["train"].hold_out(fraction, seed)
     carved = {"train": train, "val": val}
     for split, labelset in sets.items():

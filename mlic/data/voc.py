@@ -24,6 +24,7 @@ import numpy as np
 
 from mlic.data.labelset import LabelSet, LabelSetError
 from mlic.data.table import read_lines
+from mlic.errors import MlicError
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -68,9 +69,9 @@ def read_voc(root: str | os.PathLike, split: str, source: str = "xml", difficult
         LabelSetError: a list or XML file is missing or malformed (file, line or field named).
     """
     if source not in SOURCES:
-        raise ValueError(f"unknown VOC source '{source}'; choose one of {SOURCES}")
+        raise MlicError(f"unknown VOC source '{source}'; choose one of {SOURCES}")
     if difficult not in DIFFICULT:
-        raise ValueError(f"unknown difficult policy '{difficult}'; choose one of {tuple(DIFFICULT)}")
+        raise MlicError(f"unknown difficult policy '{difficult}'; choose one of {tuple(DIFFICULT)}")
     folder = find_voc(root, year)
     main = folder / "ImageSets" / "Main"
     if source == "xml":

@@ -20,14 +20,16 @@ from safetensors.torch import load_file, save
 from mlic import __version__
 from mlic.config import ModelConfig
 from mlic.data.labelset import LabelSet
+from mlic.errors import MlicError
 from mlic.io import UnsafeFileError, atomic_write_bytes, check_writable, load_torch_weights
+from mlic.models.weights import check_state_dict
 
 RUN_FILES = ("model.safetensors", "model.json", "last.pt", "metrics.jsonl", "test_metrics.json", "test_scores.npy",
              "report.md", "training.png", "per_class_ap.png", "pr_curves.png", "estimated_labels.npy", "features")
 """What a run writes into its folder: a folder holding model.json, last.pt or metrics.jsonl holds a run."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MlicError):
     """A checkpoint is missing, unreadable or does not fit; the message names the file and the fix."""
 
 
@@ -106,14 +108,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
         state = load_file(str(weights))
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{weights}: cannot read weights ({e}); the run may not have finished an epoch") from None
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shape = [k for k in state if k in own and state[k].shape != own[k].shape]
-    if missing or unexpected or shape:
-        raise CheckpointError(f"{weights}: weights do not fit the model in model.json (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}, other shape {shape[:3]})")
-    model.load_state_dict(state)
+    model.load_state_dict(check_state_dict(state, model, weights, "the model in model.json", error=CheckpointError))
     return model.to(device).eval(), meta
 
 

@@ -28,36 +28,21 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def is_main() -> bool:
-    """True on rank 0 (and without a process group)."""
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
 
-def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate equally sized row blocks from every rank (rank order)."""
+def gather_objects(obj) -> list:
+    """Every rank's ``obj`` in rank order, on every rank (``[obj]`` without a process group)."""
     if not dist.is_initialized():
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside DDP / torch.compile wrappers."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def cleanup() -> None:
+    """Leave the process group (at the end of a run), so that the processes exit cleanly."""
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from mlic.data.images import BadImageCheck, ImageDataset, build_transform, make_loader, normalize
 from mlic.data.labelset import LabelSet
+from mlic.errors import MlicError
 from mlic.metrics import metrics_table
 
 
@@ -76,7 +77,7 @@ def score_labelset(model: torch.nn.Module, labelset: LabelSet, img_size: int, me
     return full, idx, bad
 
 
-class DivergedError(ValueError):
+class DivergedError(MlicError):
     """A model produced scores that are not finite."""
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import math
 import time
 import warnings
@@ -35,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlic.engine.rowadam import RowAdam
-from mlic.losses import LOSSES, build_loss
+from mlic.errors import MlicError
+from mlic.losses import build_loss_for_data
 from mlic.metrics import mean_average_precision
 
 ESTIMATOR_UPDATES = ("official", "fast")
@@ -107,7 +107,7 @@ class LinearProbeConfig:
     def from_dict(cls, d: dict) -> LinearProbeConfig:
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
-            raise ValueError(f"unknown linear probe config fields: {sorted(unknown)}")
+            raise MlicError(f"unknown linear probe config fields: {sorted(unknown)}")
         d = dict(d)
         if "betas" in d:
             d["betas"] = tuple(float(b) for b in d["betas"])
@@ -126,6 +126,8 @@ class LinearProbeResult:
         test_map: test mAP (percent, clean labels) at the best epoch; None without a test set.
         history: one dict per epoch: epoch, loss (mean batch objective), val_map, seconds, [test_map].
         estimator_logits: (N, K) ROLE estimator logits at the best epoch; None for other losses.
+        loss_state: the loss's state_dict at the best epoch (its estimator, pseudo-labels, epoch), for
+            fine-tuning that starts from this run.
         config: the settings of the run.
         seconds: wall-clock time of the whole run.
     """
@@ -139,6 +141,7 @@ class LinearProbeResult:
     estimator_logits: np.ndarray | None
     config: LinearProbeConfig
     seconds: float
+    loss_state: dict = field(default_factory=dict)
 
     def scores(self, features: np.ndarray | torch.Tensor) -> np.ndarray:
         """Logits (M, K) of features (M, C) under the best-epoch head."""
@@ -146,35 +149,28 @@ class LinearProbeResult:
         return F.linear(x, torch.from_numpy(self.weight), torch.from_numpy(self.bias)).numpy()
 
 
-def build_probe_loss(name: str, loss_args: dict, num_images: int, num_classes: int) -> nn.Module:
-    """Build a registered loss, filling in ``num_images`` / ``num_classes`` where its constructor takes them."""
-    key = name.lower().replace("-", "_")
-    kwargs = dict(loss_args)
-    if key in LOSSES:
-        params = inspect.signature(LOSSES[key]).parameters
-        if "num_images" in params:
-            kwargs.setdefault("num_images", num_images)
-        if "num_classes" in params:
-            kwargs.setdefault("num_classes", num_classes)
-    return build_loss(name, **kwargs)
-
-
 class LinearProbe:
     """A linear head (K×C), its loss and its optimiser(s); :meth:`step` is one optimisation step.
+
+    A loss with learnable state (ROLE's (N, K) estimator: the loss's parameters) is optimised too, at lr ×
+    ``estimator_lr_mult``; when the loss offers the protocol's ``forward_rows`` hook, lazily, row by row.
 
     Args:
         num_features: C.
         num_classes: K.
-        num_images: N, training-set size (rows of ROLE's estimator).
+        num_images: N, training-set size.
         config: run settings.
-        observed: (N, K) observed training labels in {1, 0, -1}, to initialise ROLE's estimator.
+        observed: (N, K) observed training labels in {1, 0, -1}; the loss is built from them (ROLE's
+            estimator starts from them) unless ``loss`` is given.
         dtype: parameter dtype (float32; float64 for conformance checks).
+        loss: the loss, already built for the data (:func:`mlic.losses.build_loss_for_data`).
     """
 
     def __init__(self, num_features: int, num_classes: int, num_images: int, config: LinearProbeConfig,
-                 observed: np.ndarray | torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> None:
+                 observed: np.ndarray | torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
+                 loss: nn.Module | None = None) -> None:
         if config.estimator_update not in ESTIMATOR_UPDATES:
-            raise ValueError(f"estimator_update must be one of {ESTIMATOR_UPDATES}, got {config.estimator_update!r}")
+            raise MlicError(f"estimator_update must be one of {ESTIMATOR_UPDATES}, got {config.estimator_update!r}")
         self.config = config
         generator = torch.Generator().manual_seed(config.seed)
         bound = 1.0 / math.sqrt(num_features)  # nn.Linear's default init, drawn from our own generator
@@ -182,20 +178,25 @@ class LinearProbe:
         with torch.no_grad():
             self.head.weight.copy_(torch.rand(num_classes, num_features, generator=generator) * 2 * bound - bound)
             self.head.bias.copy_(torch.rand(num_classes, generator=generator) * 2 * bound - bound)
-        self.loss = build_probe_loss(config.loss, config.loss_args, num_images, num_classes).to(dtype)
-        self.estimator = getattr(self.loss, "estimator", None)
-        if self.estimator is not None and observed is not None:
-            self.loss.init_estimator(observed, config.seed)
+        if loss is None:
+            labels = observed if observed is not None else np.full((num_images, num_classes), -1, np.int8)
+            loss = build_loss_for_data(config.loss, config.loss_args, labels, config.epochs, config.seed)
+        self.loss = loss.to(dtype)
+        learned = [p for p in self.loss.parameters() if p.requires_grad]
+        if len(learned) > 1:
+            raise MlicError(f"loss '{config.loss}' has {len(learned)} learnable tensors; the linear probe "
+                            "optimises at most one (a per-image estimator)")
+        self.estimator = learned[0] if learned else None
         groups = [{"params": [self.head.weight], "weight_decay": config.weight_decay},
                   {"params": [self.head.bias], "weight_decay": 0.0}]
         self.row_adam: RowAdam | None = None
         if self.estimator is not None:
             estimator_lr = config.lr * config.estimator_lr_mult
-            if config.estimator_update == "official":
-                groups.append({"params": [self.estimator.logits], "lr": estimator_lr, "weight_decay": 0.0})
+            if config.estimator_update == "official" or not hasattr(self.loss, "forward_rows"):
+                groups.append({"params": [self.estimator], "lr": estimator_lr, "weight_decay": 0.0})
             else:
-                self.estimator.logits.requires_grad_(False)
-                self.row_adam = RowAdam(self.estimator.logits, estimator_lr, config.betas, config.adam_eps)
+                self.estimator.requires_grad_(False)
+                self.row_adam = RowAdam(self.estimator, estimator_lr, config.betas, config.adam_eps)
         fused = config.fused and (self.row_adam is not None or self.estimator is None)
         self.optimizer = torch.optim.Adam(groups, lr=config.lr, betas=config.betas, eps=config.adam_eps,
                                           fused=fused or None)
@@ -240,7 +241,7 @@ class LinearProbe:
             return None
         if self.row_adam is not None:
             return self.row_adam.snapshot()
-        return self.estimator.logits.detach().clone()
+        return self.estimator.detach().clone()
 
     @torch.no_grad()
     def estimator_logits(self, snapshot: torch.Tensor | dict | None = None) -> torch.Tensor | None:
@@ -251,7 +252,7 @@ class LinearProbe:
             return self.row_adam.flushed_values(snapshot) if isinstance(snapshot, dict) else snapshot
         if self.row_adam is not None:
             self.row_adam.flush()
-        return self.estimator.logits.detach()
+        return self.estimator.detach()
 
 
 @contextlib.contextmanager
@@ -283,7 +284,7 @@ def _map(scores: torch.Tensor, targets: np.ndarray, unknown: str) -> float:
     if unknown == "negative":
         targets = (targets == 1).astype(np.int8)
     elif unknown != "ignore":
-        raise ValueError(f"val_unknown must be 'negative' or 'ignore', got {unknown!r}")
+        raise MlicError(f"val_unknown must be 'negative' or 'ignore', got {unknown!r}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # empty classes count as AP 0, reported once up front
         return mean_average_precision(scores.numpy(), targets)
@@ -291,18 +292,18 @@ def _map(scores: torch.Tensor, targets: np.ndarray, unknown: str) -> float:
 
 def _check_xy(name: str, x, y, num_features: int | None = None, num_classes: int | None = None) -> None:
     if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"{name}: features must be (N, C) and labels (N, K) with the same N; got {tuple(x.shape)} "
+        raise MlicError(f"{name}: features must be (N, C) and labels (N, K) with the same N; got {tuple(x.shape)} "
                          f"and {tuple(y.shape)}")
     if num_features is not None and x.shape[1] != num_features:
-        raise ValueError(f"{name}: features have {x.shape[1]} channels, the training features {num_features}")
+        raise MlicError(f"{name}: features have {x.shape[1]} channels, the training features {num_features}")
     if num_classes is not None and y.shape[1] != num_classes:
-        raise ValueError(f"{name}: labels have {y.shape[1]} classes, the training labels {num_classes}")
+        raise MlicError(f"{name}: labels have {y.shape[1]} classes, the training labels {num_classes}")
 
 
 def train_linear_probe(
     train_x: np.ndarray | torch.Tensor, train_y: np.ndarray, val_x: np.ndarray | torch.Tensor, val_y: np.ndarray,
     config: LinearProbeConfig | None = None, test_x: np.ndarray | torch.Tensor | None = None,
-    test_y: np.ndarray | None = None,
+    test_y: np.ndarray | None = None, loss: nn.Module | None = None,
 ) -> LinearProbeResult:
     """Train a linear head on cached features; pick the epoch by validation mAP.
 
@@ -314,6 +315,10 @@ def train_linear_probe(
         config: settings (default :class:`LinearProbeConfig`).
         test_x: optional (T, C) test features.
         test_y: (T, K) clean test labels.
+        loss: the loss built for the data (:func:`mlic.losses.build_loss_for_data`); default: built from
+            ``config.loss`` and ``train_y``. Its protocol hooks run as in fine-tuning: ``start_epoch``,
+            ``wants_predictions`` / ``end_epoch`` (with the training set's scores), ``apply_corrections``
+            (into the training labels the next batches read).
 
     Returns:
         The best epoch's head, its validation and test mAP, the per-epoch history and ROLE's estimator.
@@ -326,23 +331,23 @@ def train_linear_probe(
     _check_xy("val", val_x, val_y, num_features, num_classes)
     if test_x is not None:
         if test_y is None:
-            raise ValueError("test_x given without test_y")
+            raise MlicError("test_x given without test_y")
         _check_xy("test", test_x, test_y, num_features, num_classes)
     if config.batch_size < 1 or config.epochs < 1:
-        raise ValueError(f"batch_size and epochs must be ≥ 1, got {config.batch_size} and {config.epochs}")
+        raise MlicError(f"batch_size and epochs must be ≥ 1, got {config.batch_size} and {config.epochs}")
     threads = torch.get_num_threads()
     # Elementwise work on a (batch, K) matrix is too small to gain from a second thread and, on a
     # busy machine, stalls at every op waiting for it; only the matmuls get config.num_threads.
     torch.set_num_threads(1)
     try:
         return _train(train_x, train_y, val_x, val_y, config, test_x, test_y, num_images, num_features, num_classes,
-                      start, threads)
+                      start, threads, loss)
     finally:
         torch.set_num_threads(threads)
 
 
 def _train(train_x, train_y, val_x, val_y, config, test_x, test_y, num_images, num_features, num_classes, start,
-           threads) -> LinearProbeResult:
+           threads, loss) -> LinearProbeResult:
     train_y = np.array(train_y, dtype=np.int8, order="C")  # a small copy: labels may be read-only memory maps
     val_y = np.array(val_y, dtype=np.int8)
     x_train = _in_memory_float32(train_x)
@@ -355,7 +360,10 @@ def _train(train_x, train_y, val_x, val_y, config, test_x, test_y, num_images, n
         warnings.warn(f"{empty} of {num_classes} classes have no positive validation label; they count as AP 0",
                       UserWarning, stacklevel=3)
 
-    probe = LinearProbe(num_features, num_classes, num_images, config, observed=train_y)
+    probe = LinearProbe(num_features, num_classes, num_images, config, observed=train_y, loss=loss)
+    hooks = {name: getattr(probe.loss, name, None)  # the loss protocol's optional hooks (mlic.losses)
+             for name in ("start_epoch", "wants_predictions", "end_epoch", "apply_corrections")}
+    estimator_key = next((k for k, p in probe.loss.named_parameters() if p is probe.estimator), None)
     matmul_threads = config.num_threads or threads
     order_gen = torch.Generator().manual_seed(config.seed + 1)
     batch = min(config.batch_size, num_images)
@@ -369,10 +377,17 @@ def _train(train_x, train_y, val_x, val_y, config, test_x, test_y, num_images, n
         perm = torch.randperm(num_images, generator=order_gen)
         total = torch.zeros((), dtype=torch.float64)
         steps = 0
+        if hooks["start_epoch"] is not None:
+            hooks["start_epoch"](epoch)
         for i in range(0, stop, batch):
             idx = perm[i:i + batch]
             total += probe.step(x_train.index_select(0, idx), y_train.index_select(0, idx), idx, matmul_threads)
+            if hooks["apply_corrections"] is not None:
+                hooks["apply_corrections"](y_train)
             steps += 1
+        if hooks["wants_predictions"] is not None and hooks["wants_predictions"](epoch):
+            with _threads(matmul_threads):
+                hooks["end_epoch"](epoch, torch.sigmoid(probe.scores(x_train)))
         mean_loss = float(total) / max(steps, 1)
         if not math.isfinite(mean_loss):
             raise FloatingPointError(f"linear probe: the loss became {mean_loss} in epoch {epoch + 1}; lower the "
@@ -389,7 +404,9 @@ def _train(train_x, train_y, val_x, val_y, config, test_x, test_y, num_images, n
         history.append(record)
         if val_map > best["val_map"]:
             best = {"val_map": val_map, "epoch": epoch, "weight": probe.head.weight.detach().clone(),
-                    "bias": probe.head.bias.detach().clone(), "estimator": probe.estimator_snapshot()}
+                    "bias": probe.head.bias.detach().clone(), "estimator": probe.estimator_snapshot(),
+                    "loss_state": {k: v.detach().clone() for k, v in probe.loss.state_dict().items()
+                                   if k != estimator_key}}
         if progress is not None:
             progress[0].update(progress[1], advance=1, description=f"epoch {epoch + 1}: val mAP {val_map:.2f}")
     if progress is not None:
@@ -403,11 +420,14 @@ def _train(train_x, train_y, val_x, val_y, config, test_x, test_y, num_images, n
             with _threads(matmul_threads):
                 test_scores = F.linear(x_test, best["weight"], best["bias"])
             test_map = _map(test_scores, test_y, "ignore")
+    estimator = None if best["estimator"] is None else probe.estimator_logits(best["estimator"])
+    loss_state = dict(best["loss_state"])
+    if estimator_key is not None:
+        loss_state[estimator_key] = estimator.detach().clone()
     return LinearProbeResult(
         weight=best["weight"].numpy(), bias=best["bias"].numpy(), best_epoch=best["epoch"], val_map=best["val_map"],
-        test_map=test_map, history=history,
-        estimator_logits=None if best["estimator"] is None else probe.estimator_logits(best["estimator"]).numpy(),
-        config=copy.deepcopy(config), seconds=time.perf_counter() - start,
+        test_map=test_map, history=history, estimator_logits=None if estimator is None else estimator.numpy(),
+        config=copy.deepcopy(config), seconds=time.perf_counter() - start, loss_state=loss_state,
     )
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from mlic.engine.linear import Features, LinearProbeConfig, LinearProbeResult, train_linear_probe
+from mlic.errors import MlicError
 
 
 @dataclass
@@ -71,7 +72,7 @@ class SeedSummary:
 def summarize_seeds(results: list[LinearProbeResult]) -> SeedSummary:
     """Mean ± std of validation and test mAP over runs (e.g. one per seed)."""
     if not results:
-        raise ValueError("no results to summarise")
+        raise MlicError("no results to summarise")
 
     def stats(values: list[float]) -> tuple[float, float]:
         arr = np.asarray(values, dtype=np.float64)

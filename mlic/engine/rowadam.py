@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from mlic.errors import MlicError
+
 
 class RowAdam:
     """Adam on an (N, K) parameter whose gradient lives in a few rows per step, touching only those rows.
@@ -36,7 +38,7 @@ class RowAdam:
     def __init__(self, param: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, tolerance: float = 1e-10) -> None:
         if param.ndim != 2:
-            raise ValueError(f"RowAdam needs a 2-D parameter, got shape {tuple(param.shape)}")
+            raise MlicError(f"RowAdam needs a 2-D parameter, got shape {tuple(param.shape)}")
         self.param, self.lr, self.betas, self.eps = param, lr, betas, eps
         # first and second moments side by side, so a batch's rows are one gather and one scatter
         self.moments = torch.zeros(param.shape[0], 2, param.shape[1], dtype=param.dtype, device=param.device)

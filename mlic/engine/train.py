@@ -1,40 +1,41 @@
-"""The training loop: one function you can read top to bottom.
+"""Fine-tuning: the training loop of ``--mode finetune``, one function you can read top to bottom.
 
-forward → loss → non-finite guard → backward → unscale → clip → step → schedule → EMA, then
-per epoch: evaluate on validation, log a JSONL line, save resume state, keep the best model.
-Written for torchrun + DDP: a handle on the unwrapped model, a DistributedSampler with
-``set_epoch``, saving on rank 0 only.
+forward → loss → non-finite guard → backward → unscale → clip → step → schedule → corrections → EMA,
+then per epoch: the loss's end-of-epoch pass if it wants one, validation (scored in shards across
+ranks), a JSONL line, resume state, the best model. Written for torchrun + DDP: a handle on the
+unwrapped model, an epoch order that is a function of (seed, epoch), saving on rank 0 only.
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data.distributed import DistributedSampler
 
-from mlic.config import ModelConfig, TrainConfig
-from mlic.data.images import BadImageCheck, ImageDataset, build_transform, make_loader, normalize
-from mlic.data.labelset import LabelSet, atomic_write_bytes
+from mlic.config import TrainConfig
+from mlic.data.images import BadImageCheck, EpochOrder, ImageDataset, build_transform, make_loader, normalize
 from mlic.engine import dist
 from mlic.engine.checkpoint import labelset_fingerprint, load_state, save_model, save_state, settings_differences
 from mlic.engine.evaluate import autocast_dtype, evaluate_scores, predict_loader
-from mlic.losses import build_loss
+from mlic.engine.job import RunResult, TrainJob
+from mlic.engine.run import choose_threads
+from mlic.errors import MlicError
+from mlic.io import atomic_write_bytes
+from mlic.losses import build_loss_for_data
 from mlic.metrics import best_thresholds
 from mlic.models.classifier import build_model
 
 
-class TrainingError(RuntimeError):
+class TrainingError(MlicError):
     """Training cannot go on; the message says why and what to change."""
 
 
@@ -61,24 +62,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def loss_defaults(loss_name: str, loss_args: dict, train_set: LabelSet) -> dict:
-    """Fill the size arguments a loss asks for (num_images, num_classes, expected_positives) from the data."""
-    from mlic.losses import LOSSES
-
-    cls = LOSSES.get(loss_name.lower().replace("-", "_"))
-    params = inspect.signature(cls.__init__).parameters if cls else {}
-    args = dict(loss_args)
-    if "num_images" in params:
-        args.setdefault("num_images", len(train_set))
-    if "num_classes" in params:
-        args.setdefault("num_classes", train_set.num_classes)
-    if "expected_positives" in params and "expected_positives" not in args:
-        known = np.asarray(train_set.targets)
-        # k, the mean number of positives per image: a data-set statistic, as Cole et al. use it
-        args["expected_positives"] = float((known == 1).sum(1).mean())
-    return args
 
 
 def param_groups(model: nn.Module, loss: nn.Module, cfg: TrainConfig) -> list[dict]:
@@ -108,85 +91,101 @@ def freeze(model: nn.Module, prefixes: list[str]) -> int:
     return count
 
 
-@dataclass
-class RunResult:
-    """What a finished run returns."""
-
-    out_dir: Path
-    best_epoch: int
-    best_val_map: float
-    test_metrics: dict | None
-    history: list[dict]
-    bad_images: int
+def _hook(loss: nn.Module, name: str):
+    """One of the loss protocol's optional hooks (see :mod:`mlic.losses`), or None: the engine asks which
+    hooks a loss has, never what the loss is."""
+    return getattr(loss, name, None)
 
 
-def train(
-    model_cfg: ModelConfig, cfg: TrainConfig, train_set: LabelSet, val_set: LabelSet, out_dir: str | Path,
-    test_set: LabelSet | None = None, resume: bool = False, pretrained: str | None = None,
-    strict_images: bool = False, log=print, progress: bool = True, max_bad_images: float = 0.01,
-) -> RunResult:
-    """Train a classifier, keeping the best epoch by validation mAP (clean labels), and evaluate it on test.
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": json.dumps(random.getstate()),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])]}
 
-    Args:
-        model_cfg: the model to build (num_classes must equal the data's).
-        cfg: optimisation settings.
-        train_set: training rows; ``observed`` labels are used when present.
-        val_set: validation rows; evaluated with their ``targets``.
-        out_dir: run directory (model, resume state, metrics.jsonl).
-        test_set: evaluated once with the best weights at the end.
-        resume: continue from ``out_dir/last.pt``.
-        pretrained: local backbone weight file.
-        strict_images: fail at the first unreadable image instead of skipping it.
-        max_bad_images: unreadable images tolerated per split, a share (< 1) or a count (≥ 1); more stops the
-            run (:class:`BadImageCheck`), as does a split with no readable image.
-        log: where to print lines (rank 0 only).
-        progress: show progress bars.
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = json.loads(state["python"])
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+
+
+def init_from_run(run_dir: Path, model: nn.Module, loss: nn.Module, say) -> None:
+    """Start from a finished run: its model weights (strictly checked) and, where it saved one, its loss state."""
+    from safetensors.torch import load_file
+
+    from mlic.engine.checkpoint import CheckpointError, read_model_meta
+    from mlic.models.weights import check_state_dict
+
+    meta = read_model_meta(run_dir)
+    if meta["model"] != model.config.to_dict():
+        raise CheckpointError(f"{run_dir}: --init-from needs a run of the same model; it has {meta['model']}")
+    model.load_state_dict(check_state_dict(load_file(str(run_dir / "model.safetensors")), model,
+                                           run_dir / "model.safetensors"))
+    loss_file = run_dir / "loss.safetensors"
+    if loss_file.exists():
+        loss.load_state_dict(check_state_dict(load_file(str(loss_file)), loss, loss_file))
+    say(f"init: model weights{' and loss state' if loss_file.exists() else ''} of {run_dir}")
+
+
+def fit(job: TrainJob) -> RunResult:
+    """Fine-tune a classifier end to end, keeping the best epoch by validation mAP (clean labels).
+
+    The loss protocol's hooks run here: ``start_epoch`` before each epoch; after it, when
+    ``wants_predictions`` says so, a no-grad pass over the training set (eval mode, training transform, as
+    the methods' own code) feeds ``end_epoch``; after each optimiser step ``apply_corrections`` writes
+    permanent label changes into the training labels the next batches read. Everything that moves
+    (weights, optimiser, schedule, EMA, loss state, labels, every random stream, the position in the
+    epoch) is saved in ``last.pt``, so ``resume`` continues the very same run, from an epoch end or from
+    inside an epoch (``job.checkpoint_every``).
     """
-    out_dir = Path(out_dir)
+    model_cfg, cfg, splits, out_dir = job.model, job.train, job.splits, Path(job.out)
+    train_set, val_set, test_set = splits.train, splits.val, splits.test
     rank, world, device = dist.init_distributed()
     main = rank == 0
-    say = log if main else (lambda *a, **k: None)
+    say = job.log if main else (lambda *a, **k: None)
     if model_cfg.num_classes != train_set.num_classes:
         raise TrainingError(f"the model has {model_cfg.num_classes} outputs but the data has "
                             f"{train_set.num_classes} classes")
+    t_start = time.perf_counter()
+    if cfg.workers is None:
+        cfg = replace(cfg, workers=choose_threads(None, cfg.threads)[1])
     seed_everything(cfg.seed + rank)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    model = build_model(model_cfg, pretrained=pretrained)
+    model = build_model(model_cfg, pretrained=job.pretrained)
     if cfg.freeze:
         say(f"froze {freeze(model, cfg.freeze)} backbone tensors ({', '.join(cfg.freeze)})")
+    loss_fn = build_loss_for_data(cfg.loss, cfg.loss_args, train_set.train_targets, cfg.epochs, cfg.seed,
+                                  clean=train_set.targets)
+    if job.init_from is not None:
+        init_from_run(Path(job.init_from), model, loss_fn, say)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
-    loss_fn = build_loss(cfg.loss, **loss_defaults(cfg.loss, cfg.loss_args, train_set)).to(device)
-    if hasattr(loss_fn, "init_estimator"):  # ROLE: the label estimator starts from the observed labels
-        loss_fn.init_estimator(np.asarray(train_set.train_targets), seed=cfg.seed)
+    loss_fn = loss_fn.to(device)
+    labels = torch.from_numpy(np.array(train_set.train_targets, dtype=np.int8))  # what training reads; may change
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
     net = DistributedDataParallel(model) if world > 1 else model
 
     train_data = ImageDataset(train_set, build_transform(model_cfg.img_size, True, cfg.augment, cfg.hflip))
-    sampler = DistributedSampler(train_data, shuffle=True, seed=cfg.seed) if world > 1 else None
-    train_loader = make_loader(train_data, cfg.batch_size, shuffle=True, workers=cfg.workers, sampler=sampler,
-                               drop_last=len(train_data) > cfg.batch_size, seed=cfg.seed)
+    order = EpochOrder(len(train_set), cfg.seed, rank, world)
+    drop_last = len(order) > cfg.batch_size
+    train_loader = make_loader(train_data, cfg.batch_size, workers=cfg.workers, sampler=order, drop_last=drop_last,
+                               seed=cfg.seed)
     val_data = ImageDataset(val_set, build_transform(model_cfg.img_size, False), targets=val_set.targets)
-    val_loader = make_loader(val_data, cfg.batch_size * 2, workers=cfg.workers)
 
     optimizer = torch.optim.AdamW(param_groups(model, loss_fn, cfg), lr=cfg.lr)
     steps_per_epoch = max(1, len(train_loader))
-    total_steps = cfg.epochs * steps_per_epoch
-    if total_steps >= 4:
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total_steps,
-            pct_start=min(0.5, max(cfg.pct_start, 1.5 / total_steps)), anneal_strategy="cos")  # ≥ 1 warm-up step
-    else:  # too few steps for a schedule
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scheduler = build_schedule(optimizer, cfg, cfg.epochs * steps_per_epoch)
     amp_dtype = autocast_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
-    start_epoch, best_map, best_epoch, history, bad_total = 0, -math.inf, -1, [], 0
+    start_epoch, start_step, best_map, best_epoch, history = 0, 0, -math.inf, -1, []
+    partial = {"total": 0.0, "seen": 0, "skipped_steps": 0, "bad": []}
     state_path = out_dir / "last.pt"
-    settings = {"model": model_cfg.to_dict(), "train": {k: v for k, v in cfg.to_dict().items() if k != "workers"},
+    unrelated = ("workers", "threads")  # how fast, not what is learned: may change on resume
+    settings = {"model": model_cfg.to_dict(), "train": {k: v for k, v in cfg.to_dict().items() if k not in unrelated},
                 "data": {"train": labelset_fingerprint(train_set), "val": labelset_fingerprint(val_set)}}
-    if resume and state_path.exists():
+    if job.resume and state_path.exists():
         state = load_state(state_path)
         changed = settings_differences(json.loads(state.get("settings", "{}")), settings)
         if changed:
@@ -197,38 +196,60 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        if ema is not None and state.get("ema") is not None:
+        labels.copy_(state["labels"])
+        if ema is not None:
             ema.module.load_state_dict(state["ema"])
             ema.updates = int(state["ema_updates"])
-        start_epoch, best_map, best_epoch = int(state["epoch"]) + 1, float(state["best_map"]), int(state["best_epoch"])
-        history = json.loads(state["history"])
-        torch.set_rng_state(state["torch_rng"])
-        say(f"resumed from {state_path} after epoch {start_epoch}")
-    elif resume:
+        start_epoch, start_step = int(state["next_epoch"]), int(state["next_step"])
+        best_map, best_epoch = float(state["best_map"]), int(state["best_epoch"])
+        history, partial = json.loads(state["history"]), json.loads(state["partial"])
+        _set_rng_state(state["rng"])
+        where = f"inside epoch {start_epoch + 1} (batch {start_step})" if start_step else f"after epoch {start_epoch}"
+        say(f"resumed from {state_path} {where}")
+    elif job.resume:
         say(f"no {state_path} yet: starting from scratch")
 
+    def save_resume_state(next_epoch: int, next_step: int) -> None:
+        save_state(state_path, {
+            "model": model.state_dict(), "loss": loss_fn.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "labels": labels,
+            "ema": ema.module.state_dict() if ema is not None else None,
+            "ema_updates": ema.updates if ema is not None else 0, "next_epoch": next_epoch, "next_step": next_step,
+            "best_map": best_map, "best_epoch": best_epoch, "history": json.dumps(history),
+            "partial": json.dumps(partial), "rng": _rng_state(), "settings": json.dumps(settings),
+        })
+
     mean, std = model_cfg.mean, model_cfg.std
+    last_save = time.monotonic()
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
-        if sampler is not None:
-            sampler.set_epoch(epoch)
+        if (start_hook := _hook(loss_fn, "start_epoch")) is not None:
+            start_hook(epoch)
+        skip = start_step if epoch == start_epoch else 0
+        order.set_epoch(epoch, skip * cfg.batch_size)
         net.train()
         loss_fn.train()
-        total, seen, skipped_steps, bad_run = 0.0, 0, 0, 0
-        train_check = BadImageCheck("train", len(train_set), max_bad_images, strict_images)
-        bar = progress_bar(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", enabled=progress and main)
-        for step, (images, targets, indices, errors) in enumerate(train_loader, 1):
+        if not skip:
+            partial = {"total": 0.0, "seen": 0, "skipped_steps": 0, "bad": []}
+        train_check = BadImageCheck("train", len(train_set), job.max_bad_images, job.strict_images)
+        train_check.add(partial["bad"])
+        bad_run = 0
+        bar = progress_bar(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", enabled=job.progress and main)
+        bar.advance(count=skip)
+        corrections = _hook(loss_fn, "apply_corrections")
+        for step, (images, _, indices, errors) in enumerate(train_loader, skip + 1):
             train_check.add(errors)
+            partial["bad"] += errors
             if len(indices) == 0:
                 bar.advance()
                 continue
             x = normalize(images.to(device, non_blocking=True), mean, std).contiguous(memory_format=memory_format)
-            targets = targets.to(device, non_blocking=True)
+            targets = labels[indices].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 logits = net(x)
             loss = loss_fn(logits.float(), targets, indices.to(device))
             if not torch.isfinite(loss):
-                skipped_steps += 1
+                partial["skipped_steps"] += 1
                 bad_run += 1
                 optimizer.zero_grad(set_to_none=True)
                 if bad_run >= 10:
@@ -246,50 +267,56 @@ def train(
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            if corrections is not None:
+                apply_everywhere(corrections, labels)
             if ema is not None:
                 ema.update(model)
-            total += loss.item() * len(indices)
-            seen += len(indices)
-            bar.advance(f"loss {total / max(seen, 1):.4f}")
+            partial["total"] += loss.item() * len(indices)
+            partial["seen"] += len(indices)
+            bar.advance(f"loss {partial['total'] / max(partial['seen'], 1):.4f}")
+            if job.checkpoint_every is not None and time.monotonic() - last_save >= job.checkpoint_every * 60:
+                if main and step < steps_per_epoch:
+                    save_resume_state(epoch, step)
+                last_save = time.monotonic()
         bar.close()
-        if seen == 0 and skipped_steps:
+        if partial["seen"] == 0 and partial["skipped_steps"]:
             raise TrainingError(f"the loss was not finite at any step of epoch {epoch + 1}; train again with a "
                                 "lower --lr or with --amp off")
-        train_check.finish(seen)
+        train_check.finish(partial["seen"])
+        if (wants := _hook(loss_fn, "wants_predictions")) is not None and wants(epoch):
+            train_scores = score_sharded(model, ImageDataset(train_set, train_data.transform), cfg.batch_size * 2,
+                                         cfg.workers, mean, std, device, amp_dtype, seed=cfg.seed * 7919 + epoch,
+                                         description="scores of the training set" if job.progress and main else None)
+            loss_fn.end_epoch(epoch, torch.from_numpy(train_scores).to(device))
         train_time = time.perf_counter() - t0
 
         eval_model = ema.module if ema is not None else model
-        val_check = BadImageCheck("val", len(val_set), max_bad_images, strict_images)
-        scores, idx, _ = predict_loader(eval_model, val_loader, mean, std, device, amp_dtype, check=val_check)
-        if world > 1:  # every rank scored the whole val set; keep rank 0's figures
-            dist.barrier()
+        val_check = BadImageCheck("val", len(val_set), job.max_bad_images, job.strict_images)
+        scores = score_sharded(eval_model, val_data, cfg.batch_size * 2, cfg.workers, mean, std, device, amp_dtype,
+                               check=val_check)
+        rows = np.flatnonzero(~np.isnan(scores).any(axis=1))
         try:
-            val = evaluate_scores(scores, np.asarray(val_set.targets)[idx])
+            val = evaluate_scores(scores, np.asarray(val_set.targets), rows=rows)
         except ValueError as e:
             raise TrainingError(f"after epoch {epoch + 1}: {e}") from None
-        record = {"epoch": epoch + 1, "train_loss": total / max(seen, 1), "val_mAP": val["mAP"],
+        record = {"epoch": epoch + 1, "train_loss": partial["total"] / max(partial["seen"], 1), "val_mAP": val["mAP"],
                   "val_CF1": val.get("CF1"), "val_OF1": val.get("OF1"), "lr": scheduler.get_last_lr()[0],
                   "train_s": round(train_time, 2), "epoch_s": round(time.perf_counter() - t0, 2),
-                  "bad_images": train_check.count, "val_bad_images": val_check.count, "skipped_steps": skipped_steps}
+                  "bad_images": train_check.count, "val_bad_images": val_check.count,
+                  "skipped_steps": partial["skipped_steps"]}
         history.append(record)
-        bad_total += train_check.count
         improved = val["mAP"] > best_map
         if improved:
             best_map, best_epoch = val["mAP"], epoch + 1
         if main:
             if improved:
                 save_model(out_dir, eval_model, model_cfg, train_set.classes,
-                           thresholds=best_thresholds(scores, np.asarray(val_set.targets)[idx]),
+                           thresholds=best_thresholds(scores[rows], np.asarray(val_set.targets)[rows]),
                            extra={"train": cfg.to_dict(), "epoch": epoch + 1, "val_metrics": scalars(val)})
+                save_loss_state(out_dir, loss_fn)
             atomic_write_bytes(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history).encode())
-            save_state(state_path, {
-                "model": model.state_dict(), "loss": loss_fn.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "ema": ema.module.state_dict() if ema is not None else None,
-                "ema_updates": ema.updates if ema is not None else 0, "epoch": epoch, "best_map": best_map,
-                "best_epoch": best_epoch, "history": json.dumps(history), "torch_rng": torch.get_rng_state(),
-                "settings": json.dumps(settings),
-            })
+            save_resume_state(epoch + 1, 0)
+            last_save = time.monotonic()
             for check in (train_check, val_check):
                 if check.count:
                     say(f"epoch {epoch + 1}: {check.split}: skipped {check.count} unreadable images, "
@@ -298,22 +325,83 @@ def train(
                 f"{'  *' if improved else ''}  ({record['epoch_s']:.1f}s)")
         dist.barrier()
 
-    test_metrics = None
-    if test_set is not None and main and best_epoch > 0:
+    test_metrics, test_scores = None, None
+    if test_set is not None:
         from mlic.engine.checkpoint import load_model
-        from mlic.engine.evaluate import score_labelset
 
+        dist.barrier()  # rank 0 wrote the best model
         best, _ = load_model(out_dir, device)
-        test_check = BadImageCheck("test", len(test_set), max_bad_images, strict_images)
-        scores, idx, _ = score_labelset(best, test_set, model_cfg.img_size, mean, std, device, cfg.batch_size * 2,
-                                        cfg.workers, amp_dtype, test_check)
-        test_metrics = evaluate_scores(scores, test_set.targets, rows=idx)
+        test_check = BadImageCheck("test", len(test_set), job.max_bad_images, job.strict_images)
+        test_data = ImageDataset(test_set, build_transform(model_cfg.img_size, False), targets=test_set.targets)
+        test_scores = score_sharded(best, test_data, cfg.batch_size * 2, cfg.workers, mean, std, device, amp_dtype,
+                                    check=test_check)
+        rows = np.flatnonzero(~np.isnan(test_scores).any(axis=1))
+        test_metrics = evaluate_scores(test_scores, test_set.targets, rows=rows)
         test_metrics["unreadable_images"] = test_check.count
         if test_check.count:
             say(f"test: skipped {test_check.count} unreadable images, e.g. {test_check.messages[0]}")
-        np.save(out_dir / "test_scores.npy", scores)
     dist.barrier()
-    return RunResult(out_dir, best_epoch, best_map, test_metrics, history, bad_total)
+    return RunResult(out_dir, best_epoch, best_map, test_metrics if main else None, history,
+                     history[-1]["bad_images"] if history else 0, test_scores if main else None,
+                     time.perf_counter() - t_start)
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    """OneCycle (cosine, ≥ 1 warm-up step) or a constant learning rate (``cfg.schedule``)."""
+    if cfg.schedule == "onecycle" and total_steps >= 4:
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total_steps,
+            pct_start=min(0.5, max(cfg.pct_start, 1.5 / total_steps)), anneal_strategy="cos")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # constant, or too few steps for one
+
+
+def apply_everywhere(apply_corrections, labels: torch.Tensor) -> None:
+    """Run a loss's ``apply_corrections`` so that every rank ends with the same labels: under DDP each rank's
+    corrections are written on every rank (a rank only saw its own batch)."""
+    if not torch.distributed.is_initialized():
+        apply_corrections(labels)
+        return
+    before = labels.clone()
+    apply_corrections(labels)
+    changed = (labels != before).nonzero()
+    values = labels[changed[:, 0], changed[:, 1]]
+    for rows_cols, vals in dist.gather_objects((changed.cpu(), values.cpu())):
+        labels[rows_cols[:, 0], rows_cols[:, 1]] = vals
+
+
+def save_loss_state(out_dir: Path, loss_fn: nn.Module) -> None:
+    """The loss's state next to the best model (``loss.safetensors``), for ``--init-from``; nothing when empty."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().contiguous() for k, v in loss_fn.state_dict().items()}
+    if state:
+        atomic_write_bytes(out_dir / "loss.safetensors", save(state))
+
+
+def score_sharded(model: nn.Module, dataset: ImageDataset, batch_size: int, workers: int, mean, std,
+                  device: torch.device, amp_dtype: torch.dtype | None, check: BadImageCheck | None = None,
+                  seed: int | None = None, description: str | None = None) -> np.ndarray:
+    """Scores (N, K) of a whole dataset, NaN rows for unreadable images; under DDP each rank scores every
+    ``world``-th row and the parts are gathered on every rank. ``seed`` seeds each sample's transform."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    rows = range(rank, len(dataset), world)
+    items = [(i, (seed * 1_000_033 + i) % 2**62) for i in rows] if seed is not None else list(rows)
+    loader = make_loader(dataset, batch_size, workers=workers, sampler=items)
+    bar = progress_bar(len(loader), description, enabled=description is not None)
+    scores, idx, bad = predict_loader(model, loader, mean, std, device, amp_dtype, progress=bar.advance)
+    bar.close()
+    full = np.full((len(dataset), dataset.labelset.num_classes), np.nan, dtype=np.float32)
+    readable = 0
+    for part_scores, part_idx, part_bad in dist.gather_objects((scores, idx, bad)):
+        if len(part_idx):
+            full[part_idx] = part_scores
+        readable += len(part_idx)
+        if check is not None:
+            check.add(part_bad)
+    if check is not None:
+        check.finish(readable)
+    return full
 
 
 def scalars(metrics: dict) -> dict:
@@ -334,9 +422,9 @@ class progress_bar:  # noqa: N801 - used like a function
             self.progress.start()
             self.task = self.progress.add_task(description, total=total, info="")
 
-    def advance(self, info: str | None = None) -> None:
+    def advance(self, info: str | None = None, count: int = 1) -> None:
         if self.progress is not None:
-            self.progress.update(self.task, advance=1, **({"info": info} if info else {}))
+            self.progress.update(self.task, advance=count, **({"info": info} if info else {}))
 
     def close(self) -> None:
         if self.progress is not None:

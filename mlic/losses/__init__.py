@@ -32,6 +32,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from mlic.errors import MlicError
 from mlic.registry import check_arguments
 
 LOSSES: dict[str, type[nn.Module]] = {}
@@ -42,7 +43,7 @@ def register_loss(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
 
     def add(cls: type[nn.Module]) -> type[nn.Module]:
         if name in LOSSES:
-            raise ValueError(f"loss '{name}' is registered twice")
+            raise MlicError(f"loss '{name}' is registered twice")
         LOSSES[name] = cls
         return cls
 
@@ -53,12 +54,41 @@ def build_loss(name: str, **kwargs) -> nn.Module:
     """Build the loss registered under ``name`` (e.g. "bce", "asl", "role") with its keyword arguments."""
     key = name.lower().replace("-", "_")
     if key not in LOSSES:
-        raise ValueError(f"unknown loss '{name}'; choose one of: {', '.join(sorted(LOSSES))}")
+        raise MlicError(f"unknown loss '{name}'; choose one of: {', '.join(sorted(LOSSES))}")
     check_arguments(LOSSES[key], kwargs, f"loss '{key}'", "--loss-arg")
     return LOSSES[key](**kwargs)
 
 
-class LossInputError(ValueError):
+def build_loss_for_data(name: str, loss_args: dict, observed, epochs: int, seed: int = 0, clean=None) -> nn.Module:
+    """The one builder the engine uses (both modes): what a loss takes from the data comes from the data.
+
+    Fills, where the loss's constructor takes them and ``loss_args`` does not set them: ``num_images``,
+    ``num_classes`` and ``observed`` (the (N, K) training labels: ROLE's and APL's initial state) from
+    ``observed``; ``expected_positives`` (mean positives per image of the ``clean`` (N, K) labels: a data-set
+    statistic, as Cole et al. use it; left to the loss's default without them); ``num_epochs`` (the run's
+    epochs, for scheduled losses) and ``seed``.
+    """
+    import inspect
+
+    import numpy as np
+
+    key = name.lower().replace("-", "_")
+    if key not in LOSSES:
+        raise MlicError(f"unknown loss '{name}'; choose one of: {', '.join(sorted(LOSSES))}")
+    params = inspect.signature(LOSSES[key].__init__).parameters
+    observed = np.asarray(observed)
+    from_data = {"num_images": lambda: observed.shape[0], "num_classes": lambda: observed.shape[1],
+                 "observed": lambda: observed, "num_epochs": lambda: epochs, "seed": lambda: seed}
+    if clean is not None:
+        from_data["expected_positives"] = lambda: float((np.asarray(clean) == 1).sum(1).mean())
+    args = dict(loss_args)
+    for field, value in from_data.items():
+        if field in params and field not in args:
+            args[field] = value()
+    return build_loss(key, **args)
+
+
+class LossInputError(MlicError):
     """Targets or indices a loss cannot use; the message says what to pass instead."""
 
 

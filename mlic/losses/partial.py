@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mlic.errors import MlicError
 from mlic.losses import register_loss
 from mlic.losses.full import log_sigmoids
 
@@ -38,7 +39,7 @@ def _masks(targets: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, tor
     """Float masks (positive, observed negative, unknown), shaped and typed like ``like``."""
     targets = targets.to(like.device)
     if targets.shape != like.shape:
-        raise ValueError(f"targets have shape {tuple(targets.shape)}, logits {tuple(like.shape)}")
+        raise MlicError(f"targets have shape {tuple(targets.shape)}, logits {tuple(like.shape)}")
     return (targets == 1).to(like.dtype), (targets == 0).to(like.dtype), (targets == -1).to(like.dtype)
 
 
@@ -47,7 +48,7 @@ def _reduce(loss_matrix: torch.Tensor, reg: torch.Tensor | None, reduction: str)
     if reduction == "none":
         return loss_matrix
     if reduction != "mean":
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        raise MlicError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     total = loss_matrix.sum() / loss_matrix.numel()
     return total if reg is None else total + reg
 
@@ -162,7 +163,7 @@ def role_loss(
 
 def _check_num_classes(expected: int | None, logits: torch.Tensor) -> None:
     if expected is not None and logits.shape[-1] != expected:
-        raise ValueError(f"loss built for {expected} classes, logits have {logits.shape[-1]}")
+        raise MlicError(f"loss built for {expected} classes, logits have {logits.shape[-1]}")
 
 
 @register_loss("an")
@@ -249,7 +250,7 @@ class LabelEstimator(nn.Module):
                  init_negative: float = 0.005, init_unknown: float = 0.6, seed: int = 0) -> None:
         super().__init__()
         if num_images < 1 or num_classes < 1:
-            raise ValueError(f"label estimator needs num_images ≥ 1 and num_classes ≥ 1, got {num_images}, "
+            raise MlicError(f"label estimator needs num_images ≥ 1 and num_classes ≥ 1, got {num_images}, "
                              f"{num_classes}")
         self.init_positive, self.init_negative, self.init_unknown = init_positive, init_negative, init_unknown
         self.logits = nn.Parameter(torch.zeros(num_images, num_classes))
@@ -264,7 +265,7 @@ class LabelEstimator(nn.Module):
         if observed is not None:
             observed = torch.as_tensor(np.asarray(observed) if not isinstance(observed, torch.Tensor) else observed)
             if tuple(observed.shape) != (n, k):
-                raise ValueError(f"observed labels have shape {tuple(observed.shape)}, the estimator {(n, k)}")
+                raise MlicError(f"observed labels have shape {tuple(observed.shape)}, the estimator {(n, k)}")
             values[observed == 1] = logit(self.init_positive)
             values[observed == 0] = logit(self.init_negative)
         self.logits.copy_(values.to(self.logits.dtype))
@@ -322,11 +323,11 @@ class ROLE(nn.Module):
         num_images = self.estimator.logits.shape[0]
         if indices is None:
             if logits.shape[0] != num_images:
-                raise ValueError("role needs the batch's dataset row numbers: call loss(logits, targets, indices)")
+                raise MlicError("role needs the batch's dataset row numbers: call loss(logits, targets, indices)")
             estimator_logits = self.estimator.logits
         else:
             indices = torch.as_tensor(indices, device=self.estimator.logits.device).long()
             if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_images):
-                raise ValueError(f"indices must lie in [0, {num_images}) (the estimator's training-set size)")
+                raise MlicError(f"indices must lie in [0, {num_images}) (the estimator's training-set size)")
             estimator_logits = self.estimator.logits[indices]
         return self.forward_rows(logits, estimator_logits, targets)

@@ -14,7 +14,8 @@ import timm
 import torch
 from torch import nn
 
-from mlic.io import UnsafeFileError, load_torch_weights
+from mlic.errors import MlicError
+from mlic.models.weights import WeightsError, check_state_dict, read_state_dict, strip_prefixes  # noqa: F401
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {}
 
@@ -24,54 +25,11 @@ def register_backbone(name: str) -> Callable:
 
     def add(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in BACKBONES:
-            raise ValueError(f"backbone '{name}' is registered twice")
+            raise MlicError(f"backbone '{name}' is registered twice")
         BACKBONES[name] = fn
         return fn
 
     return add
-
-
-class WeightsError(ValueError):
-    """A weight file cannot be read or does not fit the model; the message names the file."""
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read tensors from a local ``.safetensors`` or torch file without unpickling arbitrary objects.
-
-    A torch file may hold the state dict itself or under ``state_dict`` / ``model`` / ``module``.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: weight file not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as e:  # noqa: BLE001 - any decoding failure becomes one clear line
-            reason = str(e).splitlines()[0][:200] if str(e) else ""
-            raise WeightsError(f"{path}: not a readable safetensors file ({type(e).__name__}: {reason})") from None
-    try:
-        obj = load_torch_weights(path)
-    except UnsafeFileError as e:
-        raise WeightsError(str(e)) from None
-    for key in ("state_dict", "model", "module"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(f"{path}: expected a state dict of tensors")
-    return obj
-
-
-def strip_prefixes(state_dict: dict[str, torch.Tensor], prefixes: tuple[str, ...] = ("module.", "_orig_mod.")) -> dict:
-    """Remove wrapper prefixes left by DDP and torch.compile."""
-    out = {}
-    for k, v in state_dict.items():
-        for p in prefixes:
-            while k.startswith(p):
-                k = k[len(p):]
-        out[k] = v
-    return out
 
 
 def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
@@ -81,20 +39,11 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
     any other missing or unexpected key, or a shape mismatch, is an error naming the file.
     """
     state = strip_prefixes(read_state_dict(path))
-    own = model.state_dict()
     classifier = getattr(model, "default_cfg", {}).get("classifier", "fc") if hasattr(model, "default_cfg") else "fc"
     heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
     is_head = lambda k: any(k == h or k.startswith(h + ".") for h in heads)  # noqa: E731
     state = {k: v for k, v in state.items() if not is_head(k)}
-    missing = sorted(k for k in own if k not in state and not is_head(k))
-    unexpected = sorted(k for k in state if k not in own)
-    shape = [k for k in state if k in own and state[k].shape != own[k].shape]
-    if missing or unexpected or shape:
-        detail = "; ".join(
-            f"{what}: {keys[:3]}{' ...' if len(keys) > 3 else ''}"
-            for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shape)) if keys
-        )
-        raise WeightsError(f"{path}: weights do not fit this backbone ({detail}); check --backbone")
+    check_state_dict(state, model, path, "this backbone; check --backbone", ignore=is_head)
     model.load_state_dict(state, strict=False)
 
 
@@ -112,7 +61,7 @@ class TimmBackbone(nn.Module):
         try:
             self.body = body or timm.create_model(name, pretrained=False, num_classes=0, global_pool="", **kwargs)
         except RuntimeError as e:
-            raise ValueError(f"unknown backbone '{name}': {e}") from None
+            raise MlicError(f"unknown backbone '{name}': {e}") from None
         if pretrained:
             load_backbone_weights(self.body, pretrained)
         self.num_channels = int(self.body.num_features)
@@ -149,10 +98,7 @@ class DigitNet(nn.Module):
         self.num_channels = 4 * w
         if pretrained:
             state = strip_prefixes(read_state_dict(pretrained))
-            missing, unexpected = self.load_state_dict(state, strict=False)
-            if missing or unexpected:
-                raise WeightsError(f"{pretrained}: weights do not fit digitnet (missing {missing[:3]}, "
-                                   f"unexpected {unexpected[:3]})")
+            self.load_state_dict(check_state_dict(state, self, pretrained, "digitnet"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -180,7 +126,7 @@ def build_backbone(name: str, pretrained: str | Path | None = None, **kwargs) ->
     if name in BACKBONES:
         return BACKBONES[name](pretrained=pretrained, **kwargs)
     if name not in timm.list_models():
-        raise ValueError(f"unknown backbone '{name}': neither in-house ({', '.join(sorted(BACKBONES))}) nor a timm "
+        raise MlicError(f"unknown backbone '{name}': neither in-house ({', '.join(sorted(BACKBONES))}) nor a timm "
                          "model name (see timm.list_models())")
     return TimmBackbone(name, pretrained=pretrained, **kwargs)
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from mlic.config import ModelConfig
+from mlic.errors import MlicError
 from mlic.models.backbones import build_backbone
 from mlic.models.heads import HEADS
 from mlic.registry import check_arguments
@@ -33,7 +34,7 @@ class Classifier(nn.Module):
 def build_model(config: ModelConfig, pretrained: str | Path | None = None) -> Classifier:
     """Build the classifier a config describes; ``pretrained`` is a local backbone weight file."""
     if config.head not in HEADS:
-        raise ValueError(f"unknown head '{config.head}'; choose one of: {', '.join(sorted(HEADS))}")
+        raise MlicError(f"unknown head '{config.head}'; choose one of: {', '.join(sorted(HEADS))}")
     check_arguments(HEADS[config.head], config.head_args, f"head '{config.head}'", "--head-arg", skip=2)
     backbone = build_backbone(config.backbone, pretrained=pretrained, **config.backbone_args)
     head = HEADS[config.head](backbone.num_channels, config.num_classes, **config.head_args)

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
-from mlic.models.backbones import WeightsError, read_state_dict, register_backbone, strip_prefixes
+from mlic.models.backbones import read_state_dict, register_backbone, strip_prefixes
+from mlic.models.weights import check_state_dict
 
 
 @dataclass(frozen=True)
@@ -217,14 +218,7 @@ class CvT(nn.Module):
     def load_pretrained(self, path: str | Path) -> None:
         """Load microsoft/CvT weights strictly, except the classifier ``head``."""
         state = {k: v for k, v in strip_prefixes(read_state_dict(path)).items() if not k.startswith("head.")}
-        own = self.state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        shape = sorted(k for k in state if k in own and state[k].shape != own[k].shape)
-        if missing or unexpected or shape:
-            raise WeightsError(f"{path}: weights do not fit this CvT (missing {missing[:3]}, unexpected "
-                               f"{unexpected[:3]}, shape mismatch {shape[:3]})")
-        self.load_state_dict(state)
+        self.load_state_dict(check_state_dict(state, self, path, "this CvT"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i in range(len(self.spec.dims)):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from mlic.errors import MlicError
 from mlic.models.heads import Query2LabelHead
 
 
@@ -35,7 +36,7 @@ def attention_maps(
     head = getattr(model, "head", None)
     if not isinstance(head, Query2LabelHead):
         kind = getattr(getattr(model, "config", None), "head", type(head).__name__)
-        raise ValueError(f"attention maps need a query2label model; this one has head '{kind}'")
+        raise MlicError(f"attention maps need a query2label model; this one has head '{kind}'")
     with torch.no_grad():
         logits, maps = head(model.backbone(images), return_attention=True)
     maps = maps.float()
@@ -87,7 +88,7 @@ def write_attention_png(
         model.train(was_training)
     scores = torch.sigmoid(logits[0]).cpu().numpy()
     if len(classes) != len(scores):
-        raise ValueError(f"{len(classes)} class names for a model with {len(scores)} outputs")
+        raise MlicError(f"{len(classes)} class names for a model with {len(scores)} outputs")
     note = ""
     if labels is None:
         thr = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), scores.shape)

@@ -13,10 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlic.errors import MlicError
+
 HEADS: dict[str, Callable[..., nn.Module]] = {}
 
 
-class HeadWeightsError(ValueError):
+class HeadWeightsError(MlicError):
     """Weights loaded into a head were made for another size (class count, width); the message says what to build."""
 
 
@@ -45,7 +47,7 @@ def register_head(name: str) -> Callable:
 
     def add(cls: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in HEADS:
-            raise ValueError(f"head '{name}' is registered twice")
+            raise MlicError(f"head '{name}' is registered twice")
         HEADS[name] = cls
         return cls
 
@@ -76,7 +78,7 @@ class BoostLUHead(nn.Module):
     def class_activation(self, features: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) -> CAM before the boost (B, K, h, w), bias included."""
         if features.ndim != 4:
-            raise ValueError(f"boostlu head: needs feature maps (B, C, h, w), got shape {tuple(features.shape)}; "
+            raise MlicError(f"boostlu head: needs feature maps (B, C, h, w), got shape {tuple(features.shape)}; "
                              "the boost acts on each location, so pooled features cannot be used")
         return F.conv2d(features, self.fc.weight[:, :, None, None], self.fc.bias)
 
@@ -138,7 +140,7 @@ def sine_position_encoding(
         (h*w, d) tensor, row-major over the grid (index ``i*w + j``).
     """
     if dim % 2:
-        raise ValueError(f"position encoding needs an even number of channels, got {dim}")
+        raise MlicError(f"position encoding needs an even number of channels, got {dim}")
     npf = dim // 2
     eps = 1e-6
     y = torch.arange(1, height + 1, dtype=torch.float32, device=device)
@@ -172,7 +174,7 @@ class MultiheadAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, dropout: float = 0.0) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"hidden_dim {dim} is not divisible by nheads {num_heads}")
+            raise MlicError(f"hidden_dim {dim} is not divisible by nheads {num_heads}")
         self.dim, self.num_heads, self.dropout = dim, num_heads, dropout
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
@@ -349,10 +351,10 @@ class Query2LabelHead(nn.Module):
         if keep_input_proj is None:
             keep_input_proj = d != in_channels
         if not keep_input_proj and d != in_channels:
-            raise ValueError(f"query2label: hidden_dim {d} differs from the backbone's {in_channels} channels; "
+            raise MlicError(f"query2label: hidden_dim {d} differs from the backbone's {in_channels} channels; "
                              "set keep_input_proj: true (or hidden_dim equal to the channels)")
         if dec_layers < 1:
-            raise ValueError("query2label: dec_layers must be at least 1")
+            raise MlicError("query2label: dec_layers must be at least 1")
         ff = int(dim_feedforward or 4 * d)
         first = decoder_self_attn if first_decoder_self_attn is None else first_decoder_self_attn
         self.hidden_dim, self.num_classes = d, num_classes

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlic.errors import MlicError
 from mlic.models.heads import MultiheadAttention, check_head_weights, register_head
 
 
@@ -30,9 +31,9 @@ def ml_decoder_sizes(num_classes: int, num_of_groups: int = -1, decoder_embeddin
     so no released weights have that shape, and the exact ceiling is used.
     """
     if num_classes < 1:
-        raise ValueError(f"ml_decoder: num_classes must be at least 1, got {num_classes}")
+        raise MlicError(f"ml_decoder: num_classes must be at least 1, got {num_classes}")
     if num_of_groups == 0:
-        raise ValueError("ml_decoder: num_of_groups must be positive, or -1 for min(100, num_classes) queries")
+        raise MlicError("ml_decoder: num_of_groups must be positive, or -1 for min(100, num_classes) queries")
     groups = min(100 if num_of_groups < 0 else int(num_of_groups), num_classes)
     dim = 768 if decoder_embedding < 0 else int(decoder_embedding)
     return groups, dim, math.ceil(num_classes / groups)
@@ -110,7 +111,7 @@ class MLDecoderHead(nn.Module):
         super().__init__()
         groups, dim, dup = ml_decoder_sizes(num_classes, num_of_groups, decoder_embedding)
         if dim % nheads:
-            raise ValueError(f"ml_decoder: decoder_embedding {dim} is not divisible by nheads {nheads}")
+            raise MlicError(f"ml_decoder: decoder_embedding {dim} is not divisible by nheads {nheads}")
         self.num_classes, self.num_groups, self.dim, self.duplicate_factor = num_classes, groups, dim, dup
         self.decoder = MLDecoderBody(in_channels, num_classes, groups, dim, dup, nheads, dim_feedforward, dropout,
                                      double_query)

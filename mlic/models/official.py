@@ -34,10 +34,12 @@ from pathlib import Path
 import torch
 
 from mlic.config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
+from mlic.errors import MlicError
 from mlic.io import UnsafeFileError, load_torch_weights
-from mlic.models.backbones import WeightsError, strip_prefixes
+from mlic.models.backbones import strip_prefixes
 from mlic.models.classifier import Classifier, build_model
 from mlic.models.heads import sine_position_encoding
+from mlic.models.weights import WeightsError, check_state_dict
 
 COCO_CLASSES: list[str] = [
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
@@ -236,7 +238,7 @@ def map_backbone_key(key: str, family: str) -> str | None:
         return "backbone.body." + rest
     if family == "cvt":
         return "backbone." + rest
-    raise ValueError(f"unknown backbone family {family}")
+    raise MlicError(f"unknown backbone family {family}")
 
 
 def map_official_state_dict(
@@ -303,18 +305,7 @@ def check_against_model(
     mapped: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str,
 ) -> None:
     """Strict check: the same keys as ``expected`` (our model's state dict) and equal shapes."""
-    missing = sorted(set(expected) - set(mapped))
-    unexpected = sorted(set(mapped) - set(expected))
-    shape = sorted(k for k in mapped if k in expected and tuple(mapped[k].shape) != tuple(expected[k].shape))
-    if missing or unexpected or shape:
-        parts = []
-        for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shape)):
-            if keys:
-                detail = [f"{k} {tuple(mapped[k].shape)} vs {tuple(expected[k].shape)}" for k in keys[:3]] \
-                    if what == "shape mismatch" else keys[:3]
-                parts.append(f"{len(keys)} {what}: {detail}{' ...' if len(keys) > 3 else ''}")
-        raise OfficialCheckpointError(f"{source}: weights do not match the model its config describes ("
-                                      + "; ".join(parts) + ")")
+    check_state_dict(mapped, expected, source, "the model its config describes", error=OfficialCheckpointError)
 
 
 def load_query2label(
