@@ -284,7 +284,7 @@ def fit(job: TrainJob) -> RunResult:
                                 "lower --lr or with --amp off")
         train_check.finish(partial["seen"])
         if (wants := _hook(loss_fn, "wants_predictions")) is not None and wants(epoch):
-            train_scores = score_sharded(model, ImageDataset(train_set, train_data.transform), cfg.batch_size * 2,
+            train_scores, _ = score_sharded(model, ImageDataset(train_set, train_data.transform), cfg.batch_size * 2,
                                          cfg.workers, mean, std, device, amp_dtype, seed=cfg.seed * 7919 + epoch,
                                          description="scores of the training set" if job.progress and main else None)
             loss_fn.end_epoch(epoch, torch.from_numpy(train_scores).to(device))
@@ -292,9 +292,8 @@ def fit(job: TrainJob) -> RunResult:
 
         eval_model = ema.module if ema is not None else model
         val_check = BadImageCheck("val", len(val_set), job.max_bad_images, job.strict_images)
-        scores = score_sharded(eval_model, val_data, cfg.batch_size * 2, cfg.workers, mean, std, device, amp_dtype,
-                               check=val_check)
-        rows = np.flatnonzero(~np.isnan(scores).any(axis=1))
+        scores, rows = score_sharded(eval_model, val_data, cfg.batch_size * 2, cfg.workers, mean, std, device,
+                                     amp_dtype, check=val_check)
         try:
             val = evaluate_scores(scores, np.asarray(val_set.targets), rows=rows)
         except ValueError as e:
@@ -333,9 +332,8 @@ def fit(job: TrainJob) -> RunResult:
         best, _ = load_model(out_dir, device)
         test_check = BadImageCheck("test", len(test_set), job.max_bad_images, job.strict_images)
         test_data = ImageDataset(test_set, build_transform(model_cfg.img_size, False), targets=test_set.targets)
-        test_scores = score_sharded(best, test_data, cfg.batch_size * 2, cfg.workers, mean, std, device, amp_dtype,
-                                    check=test_check)
-        rows = np.flatnonzero(~np.isnan(test_scores).any(axis=1))
+        test_scores, rows = score_sharded(best, test_data, cfg.batch_size * 2, cfg.workers, mean, std, device,
+                                          amp_dtype, check=test_check)
         test_metrics = evaluate_scores(test_scores, test_set.targets, rows=rows)
         test_metrics["unreadable_images"] = test_check.count
         if test_check.count:
@@ -380,9 +378,10 @@ def save_loss_state(out_dir: Path, loss_fn: nn.Module) -> None:
 
 def score_sharded(model: nn.Module, dataset: ImageDataset, batch_size: int, workers: int, mean, std,
                   device: torch.device, amp_dtype: torch.dtype | None, check: BadImageCheck | None = None,
-                  seed: int | None = None, description: str | None = None) -> np.ndarray:
-    """Scores (N, K) of a whole dataset, NaN rows for unreadable images; under DDP each rank scores every
-    ``world``-th row and the parts are gathered on every rank. ``seed`` seeds each sample's transform."""
+                  seed: int | None = None, description: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (N, K) of a whole dataset (NaN rows for unreadable images) and the readable rows (sorted);
+    under DDP each rank scores every ``world``-th row and the parts are gathered on every rank. ``seed``
+    seeds each sample's transform."""
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     rows = range(rank, len(dataset), world)
@@ -392,16 +391,17 @@ def score_sharded(model: nn.Module, dataset: ImageDataset, batch_size: int, work
     scores, idx, bad = predict_loader(model, loader, mean, std, device, amp_dtype, progress=bar.advance)
     bar.close()
     full = np.full((len(dataset), dataset.labelset.num_classes), np.nan, dtype=np.float32)
-    readable = 0
+    readable = []
     for part_scores, part_idx, part_bad in dist.gather_objects((scores, idx, bad)):
         if len(part_idx):
             full[part_idx] = part_scores
-        readable += len(part_idx)
+        readable.append(part_idx)
         if check is not None:
             check.add(part_bad)
+    rows = np.unique(np.concatenate(readable))  # unique: padding may score a row twice
     if check is not None:
-        check.finish(readable)
-    return full
+        check.finish(len(rows))
+    return full, rows
 
 
 def scalars(metrics: dict) -> dict:
