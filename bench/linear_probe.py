@@ -89,8 +89,8 @@ def baseline_role(train_x, train_y, val_x, val_y, epochs: int, batch_size: int =
     data = torch.utils.data.TensorDataset(torch.from_numpy(train_x), torch.from_numpy(train_y), torch.arange(n))
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True)
     head = nn.Linear(c, k)
-    loss_fn = build_loss("role", num_images=n, num_classes=k, expected_positives=expected_positives)
-    loss_fn.init_estimator(train_y, seed)
+    loss_fn = build_loss("role", num_images=n, num_classes=k, expected_positives=expected_positives,
+                         observed=train_y, seed=seed)
     optimizer = torch.optim.Adam([{"params": head.parameters(), "lr": lr},
                                   {"params": loss_fn.parameters(), "lr": lr * lr_mult}], lr=lr)
     val = torch.from_numpy(val_x)

@@ -30,9 +30,11 @@ from mlic.config import ModelConfig, TrainConfig
 from mlic.data.digits import DigitsSpec, build_multidigits
 from mlic.data.features import extract_features
 from mlic.data.observe import single_positive
+from mlic.data.splits import Splits
+from mlic.engine.job import TrainJob
 from mlic.engine.linear import LinearProbeConfig
 from mlic.engine.protocol import grid_search
-from mlic.engine.train import train
+from mlic.engine.run import run
 from mlic.models.classifier import build_model
 
 METHODS = [("full labels (BCE)", "bce", True), ("AN", "an", False), ("AN-LS", "an_ls", False),
@@ -47,7 +49,7 @@ def pretrain_backbone(out: Path, epochs: int) -> Path:
         return path
     pre = build_multidigits(spec=DigitsSpec(train=4000, val=500, test=0, draw_seed=1))
     cfg = TrainConfig(epochs=epochs, lr=4e-3, hflip=False, workers=0)
-    train(ModelConfig(num_classes=10), cfg, pre["train"], pre["val"], out / "pretrain", **QUIET)
+    run(TrainJob(ModelConfig(num_classes=10), cfg, Splits(pre["train"], pre["val"], None), out / "pretrain", **QUIET))
     from mlic.engine.checkpoint import load_model
 
     model, _ = load_model(out / "pretrain")
@@ -93,9 +95,10 @@ def main() -> None:
                 tr = data["train"].with_observed(None if full else observed)
                 cfg = TrainConfig(epochs=args.finetune_epochs, lr=2e-3, hflip=False, workers=0, seed=s, loss=loss,
                                   loss_args=loss_args)
-                run = train(model_cfg, cfg, tr, data["val"], args.out / f"ft_{loss}_{s}", test_set=data["test"],
-                            pretrained=str(weights), **QUIET)
-                row["finetune"].append(run.test_metrics["mAP"])
+                splits = Splits(tr, data["val"], data["test"])
+                result = run(TrainJob(model_cfg, cfg, splits, args.out / f"ft_{loss}_{s}", pretrained=str(weights),
+                                      **QUIET))
+                row["finetune"].append(result.test_metrics["mAP"])
             print(f"{name:18s} seed {s}: linear {row['linear'][-1]:.2f}"
                   + (f"  fine-tuned {row['finetune'][-1]:.2f}" if row["finetune"] else "")
                   + f"  ({time.perf_counter() - t0:.0f}s)", flush=True)

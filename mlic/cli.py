@@ -20,6 +20,17 @@ from mlic.config import IMG_SIZES, TrainConfig
 from mlic.errors import MlicError
 
 T = TrainConfig  # the defaults the help texts state
+
+
+def registered(kind: str) -> str:
+    """The names in a registry, for help texts: the lists are generated, never written twice."""
+    if kind == "loss":
+        from mlic.losses import LOSSES as table
+    elif kind == "head":
+        from mlic.models.heads import HEADS as table
+    else:
+        from mlic.models.backbones import BACKBONES as table
+    return ", ".join(sorted(table))
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Multi-label image classification: train, evaluate and predict; full, partial or "
                        "single-positive labels.")
@@ -125,9 +136,9 @@ def train(
                                                 "'mlic prepare'). Default: the embedded MultiDigits.")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder for the model, logs and report. "
                                                      "Default: runs/<date-time>.")] = None,
-    backbone: Annotated[str | None, typer.Option(help="Backbone: any timm model name, or in-house digitnet "
-                                                         "(default) / cvt_w24.")] = None,
-    head: Annotated[str | None, typer.Option(help="Head: linear (default) or query2label.")] = None,
+    backbone: Annotated[str | None, typer.Option(help="Backbone: any timm model name, or in-house "
+                                                      f"{registered('backbone')} (default digitnet).")] = None,
+    head: Annotated[str | None, typer.Option(help=f"Head: {registered('head')} (default linear).")] = None,
     head_arg: Annotated[list[str] | None, typer.Option(help="Head setting KEY=VALUE (repeatable), e.g. "
                                                               "hidden_dim=256.")] = None,
     img_size: Annotated[int | None, typer.Option(help=f"Square input size in pixels, {IMG_SIZES[0]} to "
@@ -139,8 +150,8 @@ def train(
     mode: Annotated[str | None, typer.Option(help="finetune (end to end, the default), linear (a linear head on "
                                                   "cached features) or linear-init (linear, then finetune from "
                                                   "it, as Cole et al.).")] = None,
-    loss: Annotated[str | None, typer.Option(help=f"Loss: bce, bce_ls, focal, asl; partial labels: an, an_ls, "
-                                                  f"wan, epr, role (default {T.loss}).")] = None,
+    loss: Annotated[str | None, typer.Option(help=f"Loss: {registered('loss')} (default {T.loss}); 'mlic losses' "
+                                                  "describes each.")] = None,
     loss_arg: Annotated[list[str] | None, typer.Option(help="Loss setting KEY=VALUE (repeatable), e.g. "
                                                               "gamma_neg=2.")] = None,
     observe: Annotated[str | None, typer.Option(help="Simulate incomplete train labels: single-positive or "
@@ -418,6 +429,23 @@ def prepare(
                    f"{'  + observed labels' if ls.observed is not None else ''}  -> {folder}")
 
 
+@app.command("losses")
+def list_losses() -> None:
+    """List every loss: its paper, the labels it is meant for, and its settings with their defaults."""
+    import inspect
+
+    from mlic.losses import LOSSES
+
+    filled = {"num_images", "num_classes", "observed", "num_epochs", "seed"}  # taken from the data by mlic
+    for name in sorted(LOSSES):
+        cls = LOSSES[name]
+        params = [p for p in list(inspect.signature(cls.__init__).parameters.values())[1:] if p.name not in filled]
+        settings = ", ".join(f"{p.name}={p.default!r}" if p.default is not inspect.Parameter.empty else p.name
+                             for p in params)
+        typer.echo(f"{name:8s} {cls.labels} labels; {cls.paper}")
+        typer.echo(f"{'':8s} --loss-arg: {settings or '(none)'}")
+
+
 convert_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Convert foreign checkpoints.")
 app.add_typer(convert_app, name="convert")
 
@@ -431,7 +459,7 @@ def convert_q2l(
                                                       "80 categories when num_class is 80).")] = None,
 ) -> None:
     """Convert an authors' Query2Label checkpoint into an mlic model folder (safetensors), strictly checked."""
-    from mlic.models.official import convert_query2label
+    from mlic.engine.checkpoint import convert_query2label
 
     names = [line.strip() for line in classes.read_text().splitlines() if line.strip()] if classes else None
     out = convert_query2label(folder, output, names)
@@ -449,7 +477,7 @@ def convert_ml_decoder(
                                                       "TResNet-L COCO).")] = None,
 ) -> None:
     """Convert an authors' ML-Decoder checkpoint into an mlic model folder (safetensors), strictly checked."""
-    from mlic.models.official import convert_ml_decoder as run_convert
+    from mlic.engine.checkpoint import convert_ml_decoder as run_convert
 
     names = [line.strip() for line in classes.read_text().splitlines() if line.strip()] if classes else None
     out = run_convert(file, output, names, img_size)

@@ -34,7 +34,7 @@ class ModelConfig:
     backbone: str = "digitnet"
     """timm model name (any) or an in-house backbone ("digitnet", "cvt_w24")."""
     head: str = "linear"
-    """Head name: "linear", "query2label", "mldecoder"."""
+    """Head name, a key of mlic.models.heads.HEADS: "linear", "query2label", "ml_decoder", "boostlu"."""
     num_classes: int = 10
     """Number of labels K."""
     img_size: int = 64

@@ -159,7 +159,8 @@ def test_unknown_head_and_loss_settings_list_the_valid_keys(tmp_path, monkeypatc
 def test_help_shows_every_default():
     text = re.sub(r"\s+", " ", run("train", "--help").output)
     for fragment in ("Epochs (default 12", "Batch size per process (default 64", "(default 0.002",
-                     "Seed of initialisation and data order (default 0)", "worker processes (default: chosen from the core",
+                     "Seed of initialisation and data order (default 0)",
+                     "worker processes (default: chosen from the core",
                      "[default: 1%]"):
         assert fragment in text, fragment
 

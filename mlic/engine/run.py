@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from mlic.engine import dist
 from mlic.engine.job import MODES, RunResult, TrainJob
 from mlic.errors import MlicError
 from mlic.io import atomic_write_bytes
@@ -73,9 +74,12 @@ def run(job: TrainJob) -> RunResult:
     job = replace(job, train=replace(job.train, workers=workers, threads=threads))
     job.log(f"threads: {threads} torch threads, {workers} loader workers ({cpu_count()} cores; --threads and "
             "--workers override)")
-    result = fit_linear(job) if job.mode == "linear" else fit(job)
-    if result.test_metrics is not None:
-        finish(job, result)
+    try:
+        result = fit_linear(job) if job.mode == "linear" else fit(job)
+        if result.test_metrics is not None:
+            finish(job, result)
+    finally:
+        dist.cleanup()  # leave the process group, so that every rank exits cleanly
     return result
 
 

@@ -261,6 +261,11 @@ def fit(job: TrainJob) -> RunResult:
             bad_run = 0
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            if world > 1:  # the loss's own parameters (ROLE's estimator) are not in DDP: average their gradients
+                for p in loss_fn.parameters():  # too, so that every rank keeps the same per-image state
+                    if p.grad is not None:
+                        torch.distributed.all_reduce(p.grad)
+                        p.grad.div_(world)
             if cfg.clip_grad > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)

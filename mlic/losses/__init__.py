@@ -27,27 +27,17 @@ Every loss class also states ``paper`` (where it comes from) and ``labels`` ("fu
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
 from mlic.errors import MlicError
-from mlic.registry import check_arguments
+from mlic.registry import check_arguments, registrar
 
 LOSSES: dict[str, type[nn.Module]] = {}
 
 
-def register_loss(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
-    """Class decorator adding a loss to the registry under ``name``; refuses duplicates."""
-
-    def add(cls: type[nn.Module]) -> type[nn.Module]:
-        if name in LOSSES:
-            raise MlicError(f"loss '{name}' is registered twice")
-        LOSSES[name] = cls
-        return cls
-
-    return add
+register_loss = registrar(LOSSES, "loss")
+"""Class decorator adding a loss under a name; a name registered twice is refused."""
 
 
 def build_loss(name: str, **kwargs) -> nn.Module:

@@ -270,10 +270,6 @@ class LabelEstimator(nn.Module):
             values[observed == 0] = logit(self.init_negative)
         self.logits.copy_(values.to(self.logits.dtype))
 
-    def forward(self, indices: torch.Tensor) -> torch.Tensor:
-        """Estimated label probabilities (B, K) of rows ``indices`` (B,)."""
-        return torch.sigmoid(self.logits[indices])
-
 
 @register_loss("role")
 class ROLE(nn.Module):
@@ -288,8 +284,8 @@ class ROLE(nn.Module):
         num_classes: K.
         expected_positives: k (COCO 2.9).
         eps: log epsilon (None: exact).
-        observed: optional (N, K) observed labels to initialise the estimator from (see
-            :meth:`init_estimator`); without them every entry starts as unknown.
+        observed: optional (N, K) observed labels to initialise the estimator from (the engine passes the
+            training labels); without them every entry starts as unknown.
         seed: seed of the estimator's random init.
         init_positive, init_negative, init_unknown: init probabilities (official 0.995, 0.005, 0.6).
     """
@@ -307,10 +303,6 @@ class ROLE(nn.Module):
         self.estimator = LabelEstimator(num_images, num_classes, init_positive, init_negative, init_unknown, seed)
         if observed is not None:
             self.estimator.init_from_targets(observed, seed)
-
-    def init_estimator(self, observed: np.ndarray | torch.Tensor | None, seed: int = 0) -> None:
-        """Initialise the estimator from the training set's observed labels (N, K) in {1, 0, -1}."""
-        self.estimator.init_from_targets(observed, seed)
 
     def forward_rows(self, logits: torch.Tensor, estimator_logits: torch.Tensor, targets: torch.Tensor
                      ) -> torch.Tensor:

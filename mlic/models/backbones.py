@@ -16,20 +16,13 @@ from torch import nn
 
 from mlic.errors import MlicError
 from mlic.models.weights import WeightsError, check_state_dict, read_state_dict, strip_prefixes  # noqa: F401
+from mlic.registry import registrar
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {}
 
 
-def register_backbone(name: str) -> Callable:
-    """Decorator adding an in-house backbone factory under ``name``; refuses duplicates."""
-
-    def add(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in BACKBONES:
-            raise MlicError(f"backbone '{name}' is registered twice")
-        BACKBONES[name] = fn
-        return fn
-
-    return add
+register_backbone = registrar(BACKBONES, "backbone")
+"""Class decorator adding a backbone under a name; a name registered twice is refused."""
 
 
 def load_backbone_weights(model: nn.Module, path: str | Path) -> None:

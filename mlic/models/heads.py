@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlic.errors import MlicError
+from mlic.registry import registrar
 
 HEADS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -42,16 +43,8 @@ def check_head_weights(
                                    f"{tuple(shape)}; build the head with {hint(found)} to load them")
 
 
-def register_head(name: str) -> Callable:
-    """Decorator adding a head class under ``name``; refuses duplicates."""
-
-    def add(cls: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in HEADS:
-            raise MlicError(f"head '{name}' is registered twice")
-        HEADS[name] = cls
-        return cls
-
-    return add
+register_head = registrar(HEADS, "head")
+"""Class decorator adding a head under a name; a name registered twice is refused."""
 
 
 @register_head("boostlu")

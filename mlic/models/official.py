@@ -356,26 +356,6 @@ def load_release(folder: str | Path, classes: list[str] | None = None) -> tuple[
     return model, classes, config_path
 
 
-def convert_query2label(folder: str | Path, out_dir: str | Path, classes: list[str] | None = None) -> Path:
-    """Convert an official release folder (checkpoint.pkl + config_new.json) into an mlic model directory.
-
-    Args:
-        folder: the release folder.
-        out_dir: where ``model.safetensors`` and ``model.json`` are written.
-        classes: label names in output order (default: the 80 COCO categories when num_class is 80).
-
-    Returns:
-        ``out_dir``.
-    """
-    from mlic.engine.checkpoint import save_model
-
-    folder = Path(folder)
-    model, classes, config_path = load_release(folder, classes)
-    official = read_official_config(config_path)
-    extra = {"source": {"repo": "SlongLiu/query2labels", "folder": str(folder), "config": official}}
-    return save_model(out_dir, model, model.config, list(classes), extra=extra)
-
-
 # --- ML-Decoder releases (Alibaba-MIIL/ML_Decoder, MODEL_ZOO.md) ---
 # A release ``*.pth`` is a torch pickle: ``model`` holds the state dict (``body.*`` TResNet with InPlaceABN,
 # ``head.decoder.*`` the 19 ML-Decoder tensors), ``idx_to_class`` the class names. Rules:
@@ -480,17 +460,3 @@ def load_ml_decoder(
     check_against_model(mapped, model.state_dict(), source)
     model.load_state_dict(mapped, strict=True)
     return model.eval(), list(classes)
-
-
-def convert_ml_decoder(
-    path: str | Path, out_dir: str | Path, classes: list[str] | None = None, img_size: int | None = None,
-) -> Path:
-    """Convert an authors' ML-Decoder ``.pth`` into an mlic model folder (``model.safetensors`` + ``model.json``).
-
-    Arguments as :func:`load_ml_decoder`. Returns ``out_dir``.
-    """
-    from mlic.engine.checkpoint import save_model
-
-    model, classes = load_ml_decoder(path, classes, img_size)
-    extra = {"source": {"repo": "Alibaba-MIIL/ML_Decoder", "file": str(path)}}
-    return save_model(out_dir, model, model.config, classes, extra=extra)

@@ -90,9 +90,8 @@ def test_role_hand_computed_and_stop_gradients():
 
 
 def test_role_module_uses_estimator_rows():
-    loss = build_loss("role", num_images=5, num_classes=3, expected_positives=1.0)
     observed = np.array([[1, -1, -1], [-1, 1, -1], [-1, -1, 1], [1, 0, -1], [-1, -1, -1]], dtype=np.int8)
-    loss.init_estimator(observed, seed=3)
+    loss = build_loss("role", num_images=5, num_classes=3, expected_positives=1.0, observed=observed, seed=3)
     logits = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
     rows = torch.tensor([3, 1])
     value = loss(logits, torch.from_numpy(observed[[3, 1]]), rows)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mlic.config import IMAGENET_MEAN
-from mlic.engine.checkpoint import load_model
+from mlic.engine.checkpoint import convert_query2label, load_model
 from mlic.models.backbones import build_backbone
 from mlic.models.classifier import build_model
 from mlic.models.heads import sine_position_encoding
@@ -25,7 +25,6 @@ from mlic.models.official import (
     PE_KEY,
     OfficialCheckpointError,
     check_against_model,
-    convert_query2label,
     inplace_abn_to_batchnorm,
     load_query2label,
     map_backbone_key,
