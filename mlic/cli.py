@@ -169,7 +169,7 @@ def train(
         = None,
     amp: Annotated[str | None, typer.Option(help=f"Mixed precision: auto, bf16, fp16, off (default {T.amp}).")]
         = None,
-    augment: Annotated[str | None, typer.Option(help=f"Augmentation: none, light, randaugment (default "
+    augment: Annotated[str | None, typer.Option(help=f"Augmentation: none, flip, light, randaugment (default "
                                                      f"{T.augment}).")] = None,
     hflip: Annotated[bool | None, typer.Option(help="Random horizontal flips (default on; off for MultiDigits, "
                                                     "where mirrored digits are other shapes).")] = None,

@@ -15,7 +15,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMG_SIZES = (16, 4096)
 """The square input sizes a model may have, smallest and largest."""
 AMP_MODES = ("auto", "bf16", "fp16", "off")
-AUGMENTS = ("none", "light", "randaugment")
+AUGMENTS = ("none", "flip", "light", "randaugment")
 SCHEDULES = ("onecycle", "constant")
 
 
@@ -102,7 +102,8 @@ class TrainConfig:
     seed: int = 0
     """Seed of initialisation, data order and augmentation."""
     augment: str = "light"
-    """Train-time augmentation: "none", "light" (flip + random resized crop), "randaugment" (+ Cutout)."""
+    """Train-time augmentation: "none", "flip" (resize + flip: Cole et al.), "light" (flip + random resized crop),
+    "randaugment" (+ Cutout)."""
     hflip: bool = True
     """Random horizontal flips (turn off for data where left/right matters, like digits)."""
     freeze: list[str] = field(default_factory=list)

@@ -175,18 +175,19 @@ def build_transform(img_size: int, train: bool, augment: str = "light", hflip: b
     """Image (PIL RGB, or uint8 tensor (3, H, W)) -> uint8 tensor (3, img_size, img_size).
 
     Eval: square bilinear resize (antialiased), no crop, as Query2Label evaluates. Train: "none" (the eval
-    resize), "light" (random resized crop, scale 0.7–1), "randaugment" (square resize, Cutout 0.5,
-    RandAugment: Query2Label's recipe); a horizontal flip unless ``hflip`` is off or augment is "none".
+    resize), "flip" (the eval resize; flips), "light" (random resized crop, scale 0.7–1), "randaugment"
+    (square resize, Cutout 0.5, RandAugment: Query2Label's recipe); a horizontal flip unless ``hflip`` is off
+    or augment is "none".
 
     The returned Compose carries two attributes :class:`ImageDataset` reads: ``decode_size``, the smallest
     decode size that keeps full quality, and ``tensor_input = True``.
     """
     if augment not in AUGMENTS:
-        raise MlicError(f"unknown augment '{augment}'; choose none, light or randaugment")
+        raise MlicError(f"unknown augment '{augment}'; choose one of {', '.join(AUGMENTS)}")
     size = (img_size, img_size)
     steps: list = [ToUint8Tensor()]
     decode_size = img_size
-    if not train or augment == "none":
+    if not train or augment in ("none", "flip"):
         steps.append(v2.Resize(size, antialias=True))
     elif augment == "light":
         scale, ratio = (0.7, 1.0), (0.85, 1.18)
