@@ -61,9 +61,15 @@ def test_predict_folder_json_csv(trained, tmp_path):
 def test_eval_checkpoint(trained):
     out, _ = trained
     data = next(out.parent.parent.glob("cache*/multidigits-*"))
-    result = run("eval", "--checkpoint", out, "--data", data, "--workers", "0")
+    result = run("eval", "--checkpoint", out, "--data", data, "--workers", "0", "--json", out.parent / "eval.json")
     assert result.exit_code == 0, result.output
-    assert "mAP" in result.output
+    assert "on 40 images" in result.output
+    # the same model on the same test split: the figures the run reported, recomputed from the saved files
+    evaluated = json.loads((out.parent / "eval.json").read_text())
+    reported = json.loads((out / "test_metrics.json").read_text())
+    for key in ("mAP", "mAP_voc", "CF1", "OF1"):
+        assert evaluated[key] == pytest.approx(reported[key], abs=1e-4), key
+    assert f"{reported['mAP']:.2f}" in result.output
 
 
 @pytest.mark.parametrize(

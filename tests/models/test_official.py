@@ -301,11 +301,17 @@ def test_recipe_builds_the_release_architecture(name, key_list):
     with torch.device("meta"):
         ours, theirs = build_model(recipe).state_dict(), build_model(release).state_dict()
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    from mlic.engine.train import freeze
+
     with torch.device("meta"):
-        backbone = build_model(recipe).backbone
-    frozen = [n for n, _ in backbone.named_parameters()
-              if any(n.removeprefix("body.") == p or n.removeprefix("body.").startswith(p + ".") for p in train.freeze)]
-    assert frozen and all(".layer2." not in n for n in frozen)
+        model = build_model(recipe)
+    count = freeze(model, train.freeze)  # the engine's own freezing, on the release architecture
+    frozen = {n for n, p in model.backbone.named_parameters() if not p.requires_grad}
+    named = {id(p): n for n, p in model.backbone.named_parameters()}
+    expected = {named[id(p)] for prefix in train.freeze  # looked up as modules, not as name prefixes
+                for p in model.backbone.body.get_submodule(prefix).parameters()}
+    assert count == len(frozen) > 0 and frozen == expected
+    assert any(p.requires_grad for p in model.backbone.parameters())  # the rest still trains
 
 
 # --- the TResNet releases: InPlaceABN weights (q2l_tresnet_official.pt, see QUERY2LABEL.md) ---
