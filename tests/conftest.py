@@ -23,3 +23,17 @@ def tiny_digits(tmp_path_factory):
 def _isolated_cache(tmp_path, monkeypatch):
     """Never touch the user's ~/.cache/mlic from tests."""
     monkeypatch.setenv("MLIC_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="session")
+def official_fixture():
+    """Loader of the official code's outputs in ../shared/fixtures; skips, saying where it looked, when absent."""
+    import torch
+
+    def load(name: str) -> dict:
+        path = SHARED / "fixtures" / name
+        if not path.is_file():
+            pytest.skip(f"official fixture not found at {path} (shared/fixtures is not checked out here)")
+        return torch.load(path, weights_only=False)  # our own trusted file, with its metadata
+
+    return load

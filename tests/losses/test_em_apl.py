@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,16 +10,13 @@ import torch
 from mlic.losses import LOSSES, LossInputError, build_loss
 from mlic.losses.em_apl import apl_quotas, em_loss
 
-FIXTURE = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "em_apl_official.pt"
 TOL = 1e-8
 EPS = 1e-5
 
 
 @pytest.fixture(scope="module")
-def fixture():
-    if not FIXTURE.is_file():
-        pytest.skip(f"EM/APL fixture not found at {FIXTURE} (shared/fixtures is not checked out here)")
-    return torch.load(FIXTURE, weights_only=False)
+def fixture(official_fixture):
+    return official_fixture("em_apl_official.pt")
 
 
 def test_registered_with_metadata():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,16 +10,13 @@ import torch
 from mlic.losses import LOSSES, LossInputError, build_loss
 from mlic.losses.gr import gr_loss, gr_schedule, gr_weights
 
-FIXTURE = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "gr_official.pt"
 TOL = 1e-8
 BETA, ALPHA = (0.0, 2.0, -2.0, -2.0), (0.5, 2.0, 0.8, 0.5)
 
 
 @pytest.fixture(scope="module")
-def fixture():
-    if not FIXTURE.is_file():
-        pytest.skip(f"GR fixture not found at {FIXTURE} (shared/fixtures is not checked out here)")
-    return torch.load(FIXTURE, weights_only=False)
+def fixture(official_fixture):
+    return official_fixture("gr_official.pt")
 
 
 def test_registered_with_metadata():

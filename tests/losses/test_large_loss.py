@@ -7,7 +7,6 @@ the BoostLU repository's ``compute_batch_loss`` outputs on 8 batches and an LL-C
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,15 +15,12 @@ import torch.nn.functional as F
 from mlic.losses import LOSSES, LossInputError, build_loss
 from mlic.losses.large_loss import clean_rate, modified_count
 
-FIXTURE = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "large_loss_official.pt"
 TOL = 1e-8
 
 
 @pytest.fixture(scope="module")
-def fixture():
-    if not FIXTURE.is_file():
-        pytest.skip(f"Large Loss fixture not found at {FIXTURE} (shared/fixtures is not checked out here)")
-    return torch.load(FIXTURE, weights_only=False)
+def fixture(official_fixture):
+    return official_fixture("large_loss_official.pt")
 
 
 def test_registered_with_metadata():

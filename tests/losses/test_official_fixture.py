@@ -100,7 +100,7 @@ def test_two_official_train_steps(fixture, case, mode):
         probe.head.weight.copy_(init["f.weight"])
         probe.head.bias.copy_(init["f.bias"])
         if probe.estimator is not None:
-            probe.estimator.logits.copy_(init["g.logits"])
+            probe.estimator.copy_(init["g.logits"])
     for batch, loss_value, after in zip(steps["batches"], steps["step_losses"], steps["state_after_step"]):
         value = probe.step(steps["feats"][batch], targets[batch], batch)
         assert abs(value.item() - loss_value.item()) < 1e-6

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,15 +10,12 @@ import torch
 from mlic.losses import LOSSES, LossInputError, build_loss
 from mlic.losses.splc import splc_targets
 
-FIXTURE = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "hill_splc_official.pt"
 TOL = 1e-8
 
 
 @pytest.fixture(scope="module")
-def fixture():
-    if not FIXTURE.is_file():
-        pytest.skip(f"Hill/SPLC fixture not found at {FIXTURE} (shared/fixtures is not checked out here)")
-    return torch.load(FIXTURE, weights_only=False)
+def fixture(official_fixture):
+    return official_fixture("hill_splc_official.pt")
 
 
 def sigmoid(x: float) -> float:
