@@ -340,6 +340,7 @@ def predict(
     from mlic.engine.predict import Predictor, ResultWriter, list_images, read_path_list
     from mlic.engine.train import progress_bar
 
+    predictor = Predictor(checkpoint, engine=engine)
     inputs = inputs or []
     if len(inputs) == 1 and (inputs[0] / "labelset.json").is_file() and path_list is None:
         labelset = LabelSet.load(inputs[0])
@@ -351,7 +352,6 @@ def predict(
                          "give image files, folders, a LabelSet folder or --list")
     if resume and not (jsonl or csv_out):
         raise ValueError("--resume needs --jsonl or --csv: the files to continue")
-    predictor = Predictor(checkpoint, engine=engine)
     if explain and not predictor.has_attention:
         raise ValueError("--explain needs a Query2Label model on the torch engine")
     writer = ResultWriter(predictor.classes, jsonl, csv_out, resume)

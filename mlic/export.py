@@ -15,6 +15,7 @@ and ``mlic_input`` (the sentence above).
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +87,7 @@ def _set_metadata(onnx_model, metadata: dict[str, str]) -> None:
         entry.key, entry.value = key, value
 
 
-def _session(path_or_bytes: str | Path | bytes, threads: int | None = None):
+def ort_session(path_or_bytes: str | Path | bytes, threads: int | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -150,7 +151,7 @@ def export_onnx(model: nn.Module, meta: dict, out: str | Path, int8: bool = Fals
     metadata = onnx_metadata(meta, model)
     _set_metadata(onnx_model, metadata)
     data = onnx_model.SerializeToString()
-    diff = max_difference(graph, _session(data), check_batch(size))  # batch 3: checks the dynamic axis too
+    diff = max_difference(graph, ort_session(data), check_batch(size))  # batch 3: checks the dynamic axis too
     if not diff <= tolerance:
         raise ExportError(f"{out}: onnxruntime and PyTorch differ by {diff:.3g} > {tolerance:g} in a probability; "
                           "not written")
@@ -162,14 +163,20 @@ def export_onnx(model: nn.Module, meta: dict, out: str | Path, int8: bool = Fals
 
         int8_path = out.with_name(out.stem + ".int8.onnx")
         tmp = int8_path.with_name(int8_path.name + ".tmp")
-        quantize_dynamic(str(out), str(tmp), weight_type=QuantType.QInt8)
+        quiet = logging.getLogger()  # onnxruntime logs advice on the root logger
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            quantize_dynamic(str(out), str(tmp), weight_type=QuantType.QInt8)
+        finally:
+            quiet.setLevel(level)
         quantized = onnx.load(str(tmp))
         tmp.unlink()
         _set_metadata(quantized, {**metadata, "mlic_quantization": "onnxruntime dynamic, int8 weights"})
         data8 = quantized.SerializeToString()
         atomic_write_bytes(int8_path, data8)
         result.int8_path = int8_path
-        result.int8_max_diff = max_difference(graph, _session(data8), check_batch(size))
+        result.int8_max_diff = max_difference(graph, ort_session(data8), check_batch(size))
     return result
 
 
@@ -181,7 +188,7 @@ def read_onnx_metadata(path: str | Path) -> dict:
     """
     path = Path(path)
     try:
-        session = _session(path)
+        session = ort_session(path)
     except FileNotFoundError:
         raise ExportError(f"{path}: no such ONNX file") from None
     except Exception as e:  # noqa: BLE001

@@ -12,7 +12,7 @@ pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip instal
 
 from mlic.config import ModelConfig  # noqa: E402
 from mlic.engine.checkpoint import save_model  # noqa: E402
-from mlic.export import ExportError, ProbabilityGraph, _session, check_batch, export_onnx, read_onnx_metadata  # noqa: E402
+from mlic.export import ExportError, check_batch, export_onnx, ort_session, read_onnx_metadata  # noqa: E402
 from mlic.models.classifier import build_model  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "q2l_official_r101.pt"
@@ -27,7 +27,7 @@ def tiny(head: str, num_classes: int = 4, img_size: int = 32):
 
 
 def run_onnx(path, images: np.ndarray) -> np.ndarray:
-    return _session(path).run(["probabilities"], {"images": images})[0]
+    return ort_session(path).run(["probabilities"], {"images": images})[0]
 
 
 @pytest.mark.parametrize("head", ["linear", "query2label"])
@@ -68,7 +68,7 @@ def test_int8_copy(tmp_path):
     assert 0 < result.int8_max_diff < 0.2
 
 
-def test_parity_failure_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
+def test_parity_failure_is_one_line_and_writes_nothing(tmp_path):
     model = tiny("linear")
     with pytest.raises(ExportError, match=r"m.onnx: onnxruntime and PyTorch differ by .* > 1e-09"):
         export_onnx(model, {"classes": list("abcd")}, tmp_path / "m.onnx", tolerance=1e-9)

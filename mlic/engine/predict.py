@@ -104,13 +104,13 @@ class OnnxEngine:
     name = "onnx"
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
-        from mlic.export import INPUT_NAME, OUTPUT_NAME, ExportError, _session, check_session
+        from mlic.export import INPUT_NAME, OUTPUT_NAME, ExportError, check_session, ort_session
 
         path = Path(path)
         if not path.is_file():
             raise ExportError(f"{path}: no such ONNX file; write one with 'mlic export onnx'")
         try:
-            session = _session(path, threads)
+            session = ort_session(path, threads)
         except Exception as e:  # noqa: BLE001
             raise ExportError(f"{path}: not a readable ONNX model ({type(e).__name__}); export one with "
                               "'mlic export onnx'") from None
