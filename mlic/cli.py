@@ -423,6 +423,39 @@ def export_onnx_command(
 
 @app.command()
 @user_errors
+def serve(
+    checkpoint: Annotated[Path, typer.Option(help="Run or model folder written by mlic, an official Query2Label "
+                                               "folder, or an .onnx file from 'mlic export onnx'.")],
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the service to the network.")]
+        = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    engine: Annotated[str | None, typer.Option(help="torch or onnx (default: from the checkpoint's file type).")]
+        = None,
+    max_batch: Annotated[int, typer.Option(help="Most images per forward pass; 1 turns batching off.")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(help="How long a request waits to share a forward pass.")] = 5.0,
+    max_files: Annotated[int, typer.Option(help="Most images per request.")] = 16,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest request body in MB.")] = 20.0,
+    max_pixels: Annotated[int, typer.Option(help="Largest image in pixels (width x height).")] = 40_000_000,
+    api_key: Annotated[str | None, typer.Option(envvar="MLIC_API_KEY", help="Require 'Authorization: Bearer KEY' "
+                                                                            "on /v1/ routes.")] = None,
+) -> None:
+    """Serve a model over HTTP: POST /v1/predict, GET /v1/model, GET /healthz, and a web page at /."""
+    import uvicorn
+
+    from mlic.engine.predict import Predictor
+    from mlic.serve.app import ServeConfig, create_app
+
+    config = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_upload_mb=max_upload_mb,
+                         max_pixels=max_pixels, max_files=max_files, api_key=api_key or None)
+    predictor = Predictor(checkpoint, engine=engine)
+    app_ = create_app(predictor, config)
+    typer.echo(f"serving {checkpoint} ({predictor.engine.name}, {len(predictor.classes)} classes) on "
+               f"http://{host}:{port}/ {'with' if api_key else 'without'} an API key", err=True)
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
+@app.command()
+@user_errors
 def prepare(
     kind: Annotated[str, typer.Argument(help="Data set kind: coco, voc, nuswide, cub, table, or cole (Cole et al.'s "
                                               "formatted_*.npy files).")],
