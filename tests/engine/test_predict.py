@@ -93,7 +93,20 @@ def test_list_file_and_labelset_inputs(setup, tmp_path):
     assert result.exit_code == 0 and result.output.count("\tx ") == 2, result.output
 
 
+def foreign_onnx(path):
+    """A valid ONNX model that mlic did not export (float input, no metadata)."""
+    onnx = pytest.importorskip("onnx", reason="onnx not installed (pip install -e '.[deploy]')")
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])
+    onnx.save(helper.make_model(helper.make_graph([helper.make_node("Sigmoid", ["x"], ["y"])], "g", [x], [y])),
+              str(path))
+    return path
+
+
 def test_engine_errors_are_one_line(setup, tmp_path):
+    pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install -e '.[deploy]')")
     with pytest.raises(CheckpointError, match="model.onnx: not found; write it with 'mlic export onnx"):
         Predictor(setup / "run", engine="onnx")
     cases = [
@@ -101,6 +114,8 @@ def test_engine_errors_are_one_line(setup, tmp_path):
         (["--checkpoint", str(setup / "run"), "--engine", "tf"], "--engine 'tf': choose torch or onnx"),
         (["--checkpoint", str(tmp_path / "none.onnx")], "none.onnx: no such ONNX file"),
         (["--checkpoint", str(setup / "run"), "--resume"], "--resume needs --jsonl or --csv"),
+        (["--checkpoint", str(foreign_onnx(tmp_path / "other.onnx")), "--engine", "onnx"],
+         "other.onnx: no mlic metadata"),
     ]
     for args, message in cases:
         result = runner.invoke(app, ["predict", str(setup / "imgs" / "0.png"), *args])

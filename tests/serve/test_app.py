@@ -135,3 +135,13 @@ def test_attention_maps_for_query2label(predictors):
     with TestClient(create_app(predictors["linear"])) as c:
         r = c.post("/v1/predict", files={"file": ("a.png", png_bytes())}, data={"attention": "true"})
         assert r.status_code == 200 and "attention" not in r.json()["results"][0]
+
+
+def test_serve_missing_checkpoint_is_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from mlic.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--checkpoint", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2 and "nowhere/model.json: not found" in result.output
+    assert "Traceback" not in result.output
