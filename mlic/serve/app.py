@@ -187,7 +187,8 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None):
                 "backbone": config_dict.get("backbone", meta.get("backbone", "")), "engine": predictor.engine.name,
                 "attention": predictor.has_attention, "mlic_version": __version__,
                 "model_version": meta.get("mlic_version", ""),
-                "limits": {k: v for k, v in asdict(config).items() if k != "api_key"}}
+                "limits": {k: v for k, v in asdict(config).items() if k != "api_key"},
+                "served": {"images": batcher.images, "forward_passes": batcher.batches}}
 
     @app.get("/healthz")
     async def healthz():
