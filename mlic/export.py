@@ -116,6 +116,26 @@ def max_difference(graph: ProbabilityGraph, session, images: np.ndarray) -> floa
     return float(np.abs(got.astype(np.float64) - expected).max())
 
 
+def to_onnx(graph: ProbabilityGraph):
+    """Trace ``graph`` with torch.export (batch axis dynamic) into an ONNX ModelProto.
+
+    Raises:
+        ExportError: the exporter failed (one line with its reason).
+    """
+    model = graph.model
+    example = torch.from_numpy(check_batch(model.config.img_size, batch=2, seed=1))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(graph, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), dynamo=True,
+                                        opset_version=OPSET, verbose=False)
+    except Exception as e:  # noqa: BLE001 - the exporter can fail in many ways; the user needs one line
+        raise ExportError(f"ONNX export of the {model.config.head} model failed ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200]})") from None
+    return program.model_proto
+
+
 def export_onnx(model: nn.Module, meta: dict, out: str | Path, int8: bool = False,
                 tolerance: float = PARITY_TOLERANCE) -> ExportResult:
     """Export ``model`` (a classifier on CPU) to ``out`` and check it against PyTorch.
@@ -137,17 +157,7 @@ def export_onnx(model: nn.Module, meta: dict, out: str | Path, int8: bool = Fals
     model = model.to("cpu").eval()
     graph = ProbabilityGraph(model).eval()
     size = model.config.img_size
-    example = torch.from_numpy(check_batch(size, batch=2, seed=1))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(graph, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), dynamo=True,
-                                        opset_version=OPSET, verbose=False)
-    except Exception as e:  # noqa: BLE001 - the exporter can fail in many ways; the user needs one line
-        raise ExportError(f"ONNX export of the {model.config.head} model failed ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:200]})") from None
-    onnx_model = program.model_proto
+    onnx_model = to_onnx(graph)
     metadata = onnx_metadata(meta, model)
     _set_metadata(onnx_model, metadata)
     data = onnx_model.SerializeToString()

@@ -26,13 +26,34 @@ def tiny(head: str, num_classes: int = 4, img_size: int = 32):
     return build_model(config).eval()
 
 
+@pytest.fixture(scope="module")
+def linear_onnx():
+    """The tiny linear model and its traced graph, traced once: tracing is the slow part (seconds)."""
+    from mlic.export import ProbabilityGraph, to_onnx
+
+    model = tiny("linear")
+    return model, to_onnx(ProbabilityGraph(model))
+
+
+@pytest.fixture
+def traced_once(linear_onnx, monkeypatch):
+    """export_onnx on the tiny linear model reuses the module's trace (checks, metadata and writing still run)."""
+    import copy
+
+    import mlic.export
+
+    model, proto = linear_onnx
+    monkeypatch.setattr(mlic.export, "to_onnx", lambda graph: copy.deepcopy(proto))
+    return model
+
+
 def run_onnx(path, images: np.ndarray) -> np.ndarray:
     return ort_session(path).run(["probabilities"], {"images": images})[0]
 
 
 @pytest.mark.parametrize("head", ["linear", "query2label"])
-def test_export_matches_torch_with_metadata(head, tmp_path):
-    model = tiny(head)
+def test_export_matches_torch_with_metadata(head, tmp_path, request):
+    model = request.getfixturevalue("traced_once") if head == "linear" else tiny(head)
     meta = {"classes": ["a", "b", "c", "d"], "thresholds": [0.1, 0.2, 0.3, 0.4]}
     result = export_onnx(model, meta, tmp_path / "m.onnx", int8=head == "linear")
     assert result.max_diff <= 1e-4
@@ -64,8 +85,8 @@ def test_official_query2label_exports(tmp_path):
     assert info["img_size"] == 224 and info["head"] == "query2label" and len(info["classes"]) == 80
 
 
-def test_parity_failure_is_one_line_and_writes_nothing(tmp_path):
-    model = tiny("linear")
+def test_parity_failure_is_one_line_and_writes_nothing(tmp_path, traced_once):
+    model = traced_once
     with pytest.raises(ExportError, match=r"m.onnx: onnxruntime and PyTorch differ by .* > 1e-09"):
         export_onnx(model, {"classes": list("abcd")}, tmp_path / "m.onnx", tolerance=1e-9)
     assert not (tmp_path / "m.onnx").exists()
@@ -85,14 +106,14 @@ def test_foreign_onnx_is_refused(tmp_path):
         read_onnx_metadata(tmp_path / "junk.onnx")
 
 
-def test_cli_export_and_predict_with_both_engines(tmp_path):
+def test_cli_export_and_predict_with_both_engines(tmp_path, traced_once):
     from PIL import Image
     from typer.testing import CliRunner
 
     from mlic.cli import app
 
-    model = tiny("linear", num_classes=3)
-    save_model(tmp_path / "run", model, model.config, ["x", "y", "z"], thresholds=[0.0, 0.5, 1.0])
+    model = traced_once
+    save_model(tmp_path / "run", model, model.config, ["w", "x", "y", "z"], thresholds=[0.0, 0.5, 1.0, 1.0])
     runner = CliRunner()
     result = runner.invoke(app, ["export", "onnx", "--checkpoint", str(tmp_path / "run"), "-o",
                                  str(tmp_path / "m.onnx")])
@@ -111,7 +132,7 @@ def test_cli_export_and_predict_with_both_engines(tmp_path):
         outs[name] = [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
     for a, b in zip(outs["torch"], outs["onnx"]):
         assert a["path"] == b["path"]
-        assert max(abs(a["scores"][k] - b["scores"][k]) for k in "xyz") <= 1e-5
+        assert max(abs(a["scores"][k] - b["scores"][k]) for k in "wxyz") <= 1e-5
     result = runner.invoke(app, ["export", "onnx", "--checkpoint", str(tmp_path / "nowhere"), "-o", "x.onnx"])
     assert result.exit_code == 2 and "nowhere/model.json: not found" in result.output
     assert "Traceback" not in result.output
