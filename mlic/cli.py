@@ -5,9 +5,7 @@ Errors a user can cause end in one line on stderr and exit code 2, never a trace
 
 from __future__ import annotations
 
-import csv
 import functools
-import io
 import json
 import sys
 import time
@@ -342,59 +340,146 @@ def evaluate(
 @app.command()
 @user_errors
 def predict(
-    inputs: Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).")],
-    checkpoint: Annotated[Path, typer.Option(help="Run or model folder written by mlic.")],
+    inputs: Annotated[list[Path] | None, typer.Argument(help="Image files or folders (searched recursively), or one "
+                                                             "LabelSet folder.")] = None,
+    checkpoint: Annotated[Path, typer.Option(help="Run or model folder written by mlic, an official Query2Label "
+                                               "folder, or an .onnx file from 'mlic export onnx'.")] = ...,
+    path_list: Annotated[Path | None, typer.Option("--list", help="Text file with one image path per line "
+                                                                  "(relative to the file's folder).")] = None,
+    engine: Annotated[str | None, typer.Option(help="torch or onnx. Default: onnx for an .onnx checkpoint, "
+                                                       "else torch.")] = None,
     threshold: Annotated[float | None, typer.Option(help="One score threshold for every class. Default: the "
                                                             "per-class thresholds tuned on validation.")] = None,
-    top_k: Annotated[int | None, typer.Option(help="Print at most this many labels per image.")] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write all scores to this JSON file.")] = None,
-    csv_out: Annotated[Path | None, typer.Option("--csv", help="Write path,labels,score per class to this CSV.")]
+    top_k: Annotated[int | None, typer.Option(help="Keep at most this many labels per image.")] = None,
+    jsonl: Annotated[Path | None, typer.Option(help="Stream one JSON line per image (labels, all scores, error) "
+                                                    "into this file.")] = None,
+    csv_out: Annotated[Path | None, typer.Option("--csv", help="Stream path,labels,score per class into this CSV.")]
         = None,
+    resume: Annotated[bool, typer.Option(help="Append to --jsonl/--csv, skipping the paths they already hold.")]
+        = False,
     explain: Annotated[Path | None, typer.Option(help="Write per-label attention maps (PNG) into this folder "
-                                                         "(Query2Label models).")] = None,
+                                                         "(Query2Label models, torch engine).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    workers: Annotated[int, typer.Option(help="Decoding worker processes.")] = 2,
+    quiet: Annotated[bool, typer.Option(help="No progress bar or summary.")] = False,
 ) -> None:
-    """Print each image's labels with scores."""
-    from mlic.data.labelset import atomic_write_bytes
-    from mlic.engine.predict import Predictor, list_images
+    """Label images with scores, batch by batch: printed, or streamed to --jsonl/--csv (resumable)."""
+    from mlic.data.labelset import LabelSet
+    from mlic.engine.predict import Predictor, ResultWriter, list_images, read_path_list
+    from mlic.engine.train import progress_bar
 
-    predictor = Predictor(checkpoint)
-    paths = list_images(inputs)
+    predictor = Predictor(checkpoint, engine=engine)
+    inputs = inputs or []
+    if len(inputs) == 1 and (inputs[0] / "labelset.json").is_file() and path_list is None:
+        labelset = LabelSet.load(inputs[0])
+        paths = [labelset.path(i) for i in range(len(labelset))]
+    else:
+        paths = list_images(inputs) + (read_path_list(path_list) if path_list else [])
     if not paths:
-        raise MlicError(f"no images found in {', '.join(map(str, inputs))}")
-    results = predictor.predict(paths, batch_size, threshold, top_k)
-    for r in results:
-        if r.error:
-            typer.echo(f"{r.path}\terror: {r.error}")
-        else:
-            typer.echo(f"{r.path}\t" + ", ".join(f"{c} {s:.3f}" for c, s in r.labels) if r.labels
-                       else f"{r.path}\t(no label above threshold)")
-    if json_out:
-        payload = [{"path": r.path, "labels": [{"label": c, "score": s} for c, s in r.labels], "error": r.error,
-                    "scores": None if r.error else dict(zip(predictor.classes, map(float, r.scores)))}
-                   for r in results]
-        atomic_write_bytes(json_out, json.dumps(payload, indent=1).encode())
-    if csv_out:
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(["path", "labels", *predictor.classes])
-        for r in results:
-            writer.writerow([r.path, "|".join(c for c, _ in r.labels), *(f"{s:.6f}" for s in r.scores)])
-        atomic_write_bytes(csv_out, buffer.getvalue().encode())
-    if explain:
-        from mlic.models.explain import write_attention_png
+        raise MlicError(f"no images found in {', '.join(map(str, inputs)) or path_list or 'the arguments'}; "
+                         "give image files, folders, a LabelSet folder or --list")
+    if resume and not (jsonl or csv_out):
+        raise MlicError("--resume needs --jsonl or --csv: the files to continue")
+    if explain and not predictor.has_attention:
+        raise MlicError("--explain needs a Query2Label model on the torch engine")
+    writer = ResultWriter(predictor.classes, jsonl, csv_out, resume)
+    todo = [p for p in paths if not writer.skip(str(p))]
+    to_files = bool(jsonl or csv_out)
+    if resume:
+        typer.echo(f"resuming: {len(paths) - len(todo)} of {len(paths)} images already written", err=True)
+    bar = progress_bar(-(-len(todo) // batch_size), f"predict ({predictor.engine.name})",
+                       enabled=to_files and not quiet and sys.stderr.isatty())
+    done = bad = 0
+    t0 = time.perf_counter()
+    try:
+        for batch in predictor.stream(todo, batch_size, workers, threshold, top_k):
+            writer.write(batch)
+            for r in batch:
+                if r.error:
+                    bad += 1
+                    typer.echo(f"{r.path}\terror: {r.error}", err=True)
+                elif not to_files:
+                    typer.echo(f"{r.path}\t" + (", ".join(f"{c} {s:.3f}" for c, s in r.labels) if r.labels
+                                                 else "(no label above threshold)"))
+                if explain and not r.error:
+                    from mlic.models.explain import write_attention_png
 
-        explain.mkdir(parents=True, exist_ok=True)
-        thresholds = predictor.thresholds if threshold is None else threshold
-        for r in results:
-            if r.error:
-                continue
-            png = explain / f"{Path(r.path).stem}_attention.png"
-            write_attention_png(predictor.model, r.path, png, predictor.classes, thresholds=thresholds,
-                                max_labels=top_k or 12)
-            typer.echo(f"attention maps: {png}")
-    if any(r.error for r in results):
-        sys.exit(2 if all(r.error for r in results) else 0)
+                    png = explain / f"{Path(r.path).stem}_attention.png"
+                    write_attention_png(predictor.model, r.path, png, predictor.classes, max_labels=top_k or 12,
+                                        thresholds=predictor.thresholds if threshold is None else threshold)
+                    typer.echo(f"attention maps: {png}")
+            done += len(batch)
+            bar.advance(f"{done / (time.perf_counter() - t0):.0f} images/s")
+    finally:
+        bar.close()
+        writer.close()
+    if not quiet and to_files:
+        seconds = time.perf_counter() - t0
+        typer.echo(f"{done} images in {seconds:.1f}s ({done / max(seconds, 1e-9):.1f} images/s), {bad} unreadable; "
+                   f"wrote {', '.join(str(p) for p in (jsonl, csv_out) if p)}", err=True)
+    if todo and bad == len(todo):
+        sys.exit(2)
+
+
+export_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Export a model for other runtimes.")
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("onnx")
+@user_errors
+def export_onnx_command(
+    checkpoint: Annotated[Path, typer.Option(help="Run or model folder written by mlic, or an official Query2Label "
+                                               "folder.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The .onnx file to write.")],
+    int8: Annotated[bool, typer.Option(help="Also write <output stem>.int8.onnx, quantized by onnxruntime "
+                                            "(dynamic, int8 weights).")] = False,
+) -> None:
+    """Export to ONNX (uint8 images in, probabilities out, normalisation inside) and check it against PyTorch."""
+    from mlic.engine.checkpoint import load_model
+    from mlic.export import PARITY_TOLERANCE, export_onnx
+
+    model, meta = load_model(checkpoint, "cpu")
+    result = export_onnx(model, meta, output, int8=int8)
+    size = model.config.img_size
+    typer.echo(f"wrote {result.path} ({result.path.stat().st_size / 1e6:.1f} MB): input uint8 (batch, 3, {size}, "
+               f"{size}), output probabilities (batch, {len(meta['classes'])})")
+    typer.echo(f"parity: max |PyTorch - onnxruntime| = {result.max_diff:.2e} (limit {PARITY_TOLERANCE:g})")
+    if result.int8_path:
+        typer.echo(f"wrote {result.int8_path} ({result.int8_path.stat().st_size / 1e6:.1f} MB): int8 dynamic "
+                   f"quantization, max |PyTorch - int8| = {result.int8_max_diff:.2e} (not bounded)")
+
+
+@app.command()
+@user_errors
+def serve(
+    checkpoint: Annotated[Path, typer.Option(help="Run or model folder written by mlic, an official Query2Label "
+                                               "folder, or an .onnx file from 'mlic export onnx'.")],
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the service to the network.")]
+        = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    engine: Annotated[str | None, typer.Option(help="torch or onnx (default: from the checkpoint's file type).")]
+        = None,
+    max_batch: Annotated[int, typer.Option(help="Most images per forward pass; 1 turns batching off.")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(help="How long a request waits to share a forward pass.")] = 5.0,
+    max_files: Annotated[int, typer.Option(help="Most images per request.")] = 16,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest request body in MB.")] = 20.0,
+    max_pixels: Annotated[int, typer.Option(help="Largest image in pixels (width x height).")] = 40_000_000,
+    api_key: Annotated[str | None, typer.Option(envvar="MLIC_API_KEY", help="Require 'Authorization: Bearer KEY' "
+                                                                            "on /v1/ routes.")] = None,
+) -> None:
+    """Serve a model over HTTP: POST /v1/predict, GET /v1/model, GET /healthz, and a web page at /."""
+    import uvicorn
+
+    from mlic.engine.predict import Predictor
+    from mlic.serve.app import ServeConfig, create_app
+
+    config = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_upload_mb=max_upload_mb,
+                         max_pixels=max_pixels, max_files=max_files, api_key=api_key or None)
+    predictor = Predictor(checkpoint, engine=engine)
+    app_ = create_app(predictor, config)
+    typer.echo(f"serving {checkpoint} ({predictor.engine.name}, {len(predictor.classes)} classes) on "
+               f"http://{host}:{port}/ {'with' if api_key else 'without'} an API key", err=True)
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
 @app.command()

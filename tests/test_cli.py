@@ -47,15 +47,16 @@ def test_predict_folder_json_csv(trained, tmp_path):
     for p in sorted(src.glob("*.png"))[:3]:
         shutil.copy(p, images / p.name)
     (images / "broken.png").write_bytes(b"\x89PNG not really")
-    result = run("predict", images, "--checkpoint", out, "--json", tmp_path / "p.json", "--csv", tmp_path / "p.csv",
-                 "--threshold", "0.0", "--top-k", "2")
+    result = run("predict", images, "--checkpoint", out, "--jsonl", tmp_path / "p.jsonl", "--csv", tmp_path / "p.csv",
+                 "--threshold", "0.0", "--top-k", "2", "--workers", "0")
     assert result.exit_code == 0, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 4 and "broken.png\terror:" in result.output
-    payload = json.loads((tmp_path / "p.json").read_text())
+    assert "broken.png\terror:" in result.output and "4 images in" in result.output
+    payload = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     good = [p for p in payload if not p["error"]]
-    assert len(good) == 3 and all(len(p["labels"]) == 2 for p in good)
+    assert len(payload) == 4 and len(good) == 3 and all(len(p["labels"]) == 2 for p in good)
     assert (tmp_path / "p.csv").read_text().splitlines()[0].startswith("path,labels,0,1")
+    printed = run("predict", images, "--checkpoint", out, "--top-k", "1", "--workers", "0")
+    assert printed.exit_code == 0 and len(printed.output.strip().splitlines()) == 4
 
 
 def test_eval_checkpoint(trained):
