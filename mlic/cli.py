@@ -81,6 +81,16 @@ def os_error_line(e: OSError) -> str:
     return f"{path}: {reason}" + (f"; {advice}" if advice and advice not in reason else "")
 
 
+def read_class_names(path: Path) -> list[str]:
+    """``--classes FILE``: one class name per line (blank lines ignored)."""
+    from mlic.errors import MlicError
+
+    try:
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise MlicError(f"{path}: not a text file; --classes takes a file with one class name per line") from None
+
+
 def parse_kv(items: list[str] | None, option: str) -> dict:
     """KEY=VALUE strings -> dict, values parsed as YAML scalars (numbers, booleans, lists)."""
     import yaml
@@ -546,7 +556,7 @@ def convert_q2l(
     """Convert an authors' Query2Label checkpoint into an mlic model folder (safetensors), strictly checked."""
     from mlic.engine.checkpoint import convert_query2label
 
-    names = [line.strip() for line in classes.read_text().splitlines() if line.strip()] if classes else None
+    names = read_class_names(classes) if classes else None
     out = convert_query2label(folder, output, names)
     typer.echo(f"wrote {out}/model.safetensors and model.json; evaluate with: mlic eval --checkpoint {out} --data ...")
 
@@ -564,7 +574,7 @@ def convert_ml_decoder(
     """Convert an authors' ML-Decoder checkpoint into an mlic model folder (safetensors), strictly checked."""
     from mlic.engine.checkpoint import convert_ml_decoder as run_convert
 
-    names = [line.strip() for line in classes.read_text().splitlines() if line.strip()] if classes else None
+    names = read_class_names(classes) if classes else None
     out = run_convert(file, output, names, img_size)
     typer.echo(f"wrote {out}/model.safetensors and model.json; evaluate with: mlic eval --checkpoint {out} --data ...")
 

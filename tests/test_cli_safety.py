@@ -204,12 +204,12 @@ def test_outputs_line_lists_what_is_there_and_files_get_the_umask(tiny_run):
 
 
 def test_interrupt_names_the_run_folder(tmp_path, monkeypatch):
-    import mlic.engine.train as engine
+    import mlic.engine.run as engine
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine, "train", interrupted)
+    monkeypatch.setattr(engine, "run", interrupted)
     monkeypatch.setenv("MLIC_CACHE", str(tmp_path / "cache"))
     result = run("train", "--digits-size", "20,8,8", "--img-size", 32, "--out", tmp_path / "myrun", "--quiet")
     assert result.exit_code == 130
