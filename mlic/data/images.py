@@ -253,7 +253,7 @@ class ImageDataset(Dataset):
                 img = read_image(self.labelset.path(i), self.transform, self.decode_size)
             else:  # the augmentation draws of this sample depend on its seed only, not on worker or order
                 with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
+                    torch.default_generator.manual_seed(seed)  # not torch.manual_seed: it queues CUDA seeding
                     img = read_image(self.labelset.path(i), self.transform, self.decode_size)
         except ImageError as e:
             return None, target, i, str(e)
