@@ -135,8 +135,9 @@ def write_shards(labelset: LabelSet, out_dir: str | os.PathLike, shard_size_byte
     """Pack ``labelset`` into WebDataset shards ``out_dir/shard-000000.tar`` … plus ``index.json`` and ``labels/``.
 
     A shard is closed before the sample that would take it past ``shard_size_bytes`` (every shard holds at
-    least one sample). Images that are missing, unreadable or not images are not packed: each is logged
-    (one line) and listed under ``skipped`` in index.json.
+    least one sample; tar pads its last record, so a file may pass the size by up to 10 KiB). Images that are
+    missing, unreadable or not images are not packed: each is logged (one line) and listed under ``skipped`` in
+    index.json.
 
     Args:
         labelset: images and labels (targets dense or :class:`SparseTargets`; observed labels kept too).
@@ -155,7 +156,8 @@ def write_shards(labelset: LabelSet, out_dir: str | os.PathLike, shard_size_byte
     out_dir.mkdir(parents=True, exist_ok=True)
     n = len(labelset)
     shards, samples, skipped = [], [], []
-    writer = handle = stream = None
+    writer = handle = None
+    shard_bytes = 0
     bar = _progress(progress and n > 0, n, f"shards {labelset.split or out_dir.name}")
 
     def close_shard():
@@ -177,23 +179,27 @@ def write_shards(labelset: LabelSet, out_dir: str | os.PathLike, shard_size_byte
                 entry["observed"] = encode_row(labelset.observed[i])
             ext = Path(rel).suffix.lower().lstrip(".") or "img"
             sample = {"__key__": f"{i:09d}", ext: data, "labels.json": json.dumps(entry).encode()}
-            size = 512 * 3 + len(data) + len(sample["labels.json"])  # two headers + padding, a bound
-            if writer is not None and stream.tell() + size > shard_size_bytes:
+            # a tar member is a 512-byte header and its data padded to 512; an archive ends in two zero blocks
+            size = sum(512 + -(-len(sample[name]) // 512) * 512 for name in (ext, "labels.json"))
+            if writer is not None and shard_bytes + size + 1024 > shard_size_bytes:
                 close_shard()
                 writer = None
             if writer is None:
                 shards.append(out_dir / f"shard-{len(shards):06d}.tar")
                 samples.append(0)
                 handle = _atomic_file(shards[-1])
-                stream, _ = handle.__enter__()
-                writer = wds.TarWriter(stream, encoder=False, mtime=0.0)
+                writer = wds.TarWriter(handle.__enter__()[0], encoder=False, mtime=0)
+                shard_bytes = 0
             writer.write(sample)
             samples[-1] += 1
+            shard_bytes += size
         if writer is not None:
             close_shard()
             writer = None
     except BaseException:
         if writer is not None:  # drop the half-written shard; the finished ones stay
+            with contextlib.suppress(Exception):
+                writer.close()  # into the temporary file, deleted next
             handle.__exit__(*sys.exc_info())
         raise
     finally:
