@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 
@@ -213,17 +214,56 @@ def test_truncated_shard_is_a_clear_error(packed, tmp_path):
     dataset = ShardDataset(broken, build_transform(SIZE, train=False), shuffle=False)
     with pytest.raises(ShardError, match=rf"{shards[1].name}: truncated or corrupt.*mlic prepare shards"):
         list(dataset)
-    # cut at a member boundary: tar itself sees no error; the count in index.json does
+    # cut at a member boundary: the end-of-archive marker is missing
     with tarfile.open(shards[1]) as tar:
         members = tar.getmembers()
     (broken / shards[1].name).write_bytes(data[: members[2].offset])
-    with pytest.raises(ShardError, match=rf"{shards[1].name}: .*holds 1 samples but index.json lists"):
+    with pytest.raises(ShardError, match=rf"{shards[1].name}: truncated or corrupt after \d+ of \d+ samples \(no end"):
         list(dataset)
+    # a whole tar with fewer samples than index.json lists
+    with tarfile.open(broken / shards[1].name, "w") as tar:
+        with tarfile.open(shards[1]) as source:
+            for member in source.getmembers()[:2]:
+                tar.addfile(member, source.extractfile(member))
+    with pytest.raises(ShardError, match=rf"{shards[1].name}: holds 1 samples but index.json lists"):
+        list(dataset)
+    # a damaged header
+    damaged = bytearray(data)
+    damaged[members[2].offset + 10] ^= 0xFF
+    (broken / shards[1].name).write_bytes(bytes(damaged))
+    with pytest.raises(ShardError, match=r"truncated or corrupt after \d+ of .*bad header checksum"):
+        list(dataset)
+    (broken / shards[1].name).write_bytes(data[: members[2].offset])
     # and the error arrives as one line through a DataLoader worker
     loader = DataLoader(dataset, batch_size=4, num_workers=1, collate_fn=collate)
     with pytest.raises(ShardError) as caught:
         list(loader)
     assert "\n" not in str(caught.value) and shards[1].name in str(caught.value)
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_reader_matches_tarfile(tmp_path, tar_format):
+    """The shard reader reads what tar writes: ustar prefixes, GNU long names, pax headers (webdataset's with a
+    float mtime), directories skipped."""
+    from mlic.data.shards import _tar_members
+
+    names = ["a.jpg", "a.labels.json", "dir/" + "x" * 120 + ".png", "d" * 120 + "/b.png", "é.cls", "empty.txt"]
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=tar_format) as tar:
+        info = tarfile.TarInfo("dir")
+        info.type = tarfile.DIRTYPE
+        tar.addfile(info)
+        for k, name in enumerate(names):
+            if tar_format == tarfile.USTAR_FORMAT and len(name.rsplit("/", 1)[-1]) > 100:
+                continue  # ustar cannot store a base name that long
+            data = bytes(range(k * 7 % 256)) * (k + 1)
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 1.5
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(path) as tar:
+        expected = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isreg()]
+    with open(path, "rb") as f:
+        assert list(_tar_members(f)) == expected and len(expected) >= 5
 
 
 def test_missing_label_entry_is_a_clear_error(packed, tmp_path):

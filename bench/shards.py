@@ -1,0 +1,87 @@
+"""Streaming from WebDataset shards vs reading the image folder: images per second into uint8 batches.
+
+Both paths decode through ``read_image`` with the same training transform (light augmentation) and batch
+through ``collate``; the folder path is ``ImageDataset`` + ``make_loader(shuffle=True)``, the shard path
+``ShardDataset`` (shuffle buffer 1000) + the same DataLoader settings. Two data sets: MultiDigits (64 px PNGs,
+built into ``$MLIC_CACHE``) and synthetic 640x480 JPEGs (bench/decode.py's) at ``--size``. Each path runs
+``--rounds`` epochs, interleaved; the best epoch of each is reported (wall clock; the machine may be shared).
+Also reported: the time ``write_shards`` took and the shard bytes against the image bytes.
+
+    python bench/shards.py [--digits 4000] [--jpegs 400] [--size 224] [--workers 0] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode import make_jpegs  # noqa: E402
+
+from mlic.data.digits import DigitsSpec, build_multidigits  # noqa: E402
+from mlic.data.images import ImageDataset, build_transform, collate, make_loader  # noqa: E402
+from mlic.data.labelset import LabelSet  # noqa: E402
+from mlic.data.shards import ShardDataset, write_shards  # noqa: E402
+
+
+def epoch_rate(loader) -> float:
+    start, count = time.perf_counter(), 0
+    for _, _, indices, _ in loader:
+        count += len(indices)
+    return count / (time.perf_counter() - start)
+
+
+def compare(name: str, labelset: LabelSet, size: int, workers: int, rounds: int, batch: int, tmp: Path) -> None:
+    start = time.perf_counter()
+    shards = write_shards(labelset, tmp / name, shard_size_bytes=64 << 20, progress=False)
+    written = time.perf_counter() - start
+    image_bytes = sum(labelset.path(i).stat().st_size for i in range(len(labelset)))
+    shard_bytes = sum(p.stat().st_size for p in shards)
+    transform = build_transform(size, train=True, augment="light")
+    folder = make_loader(ImageDataset(labelset, transform), batch, shuffle=True, workers=workers)
+    stream = ShardDataset(tmp / name, transform, seed=0)
+    streamed = torch.utils.data.DataLoader(stream, batch_size=batch, num_workers=workers, collate_fn=collate,
+                                           persistent_workers=workers > 0)
+    rates = {"folder": [], "shards": []}
+    for epoch in range(rounds):
+        rates["folder"].append(epoch_rate(folder))
+        stream.set_epoch(epoch)
+        rates["shards"].append(epoch_rate(streamed))
+    best = {k: max(v) for k, v in rates.items()}
+    print(f"{name}: {len(labelset)} images, {image_bytes / 2**20:.1f} MiB of files -> {len(shards)} shards "
+          f"{shard_bytes / 2**20:.1f} MiB in {written:.2f} s; img_size {size}, workers {workers}, batch {batch}")
+    print(f"  folder {best['folder']:8.0f} images/s   shards {best['shards']:8.0f} images/s   "
+          f"ratio {best['shards'] / best['folder']:.2f}   (best of {rounds} epochs each)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--digits", type=int, default=4000, help="MultiDigits training images")
+    parser.add_argument("--jpegs", type=int, default=400, help="synthetic 640x480 JPEGs")
+    parser.add_argument("--size", type=int, default=224, help="img_size for the JPEGs (MultiDigits: 64)")
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=64)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if args.digits:
+            digits = build_multidigits(spec=DigitsSpec(train=args.digits, val=100, test=100))["train"]
+            compare("multidigits", digits, 64, args.workers, args.rounds, args.batch, tmp)
+        if args.jpegs:
+            (tmp / "jpg").mkdir()
+            names = make_jpegs(tmp / "jpg", args.jpegs)
+            targets = np.random.default_rng(0).integers(0, 2, (len(names), 10)).astype(np.int8)
+            photos = LabelSet([f"c{k}" for k in range(10)], names, targets, str(tmp / "jpg"), "train")
+            compare("jpeg640x480", photos, args.size, args.workers, args.rounds, args.batch, tmp)
+
+
+if __name__ == "__main__":
+    main()
