@@ -491,8 +491,8 @@ def prepare(
     out: Annotated[Path, typer.Option(help="Folder receiving one LabelSet (or, for shards, shard) folder per split.")],
     root: Annotated[Path | None, typer.Option(help="The data set folder (for table: the CSV/TSV/JSON file).")] = None,
     data: Annotated[Path | None, typer.Option(help="shards: the prepared folder (train/ val/ test/) to pack.")] = None,
-    shard_size: Annotated[str, typer.Option(help="shards: the most bytes per shard: 1GB, 500MB, 256MiB or a "
-                                                 "number of bytes.")] = "1GB",
+    shard_size: Annotated[str | None, typer.Option(help="shards: the most bytes per shard: 1GB (default), 500MB, "
+                                                        "256MiB or a number of bytes.")] = None,
     observe: Annotated[str | None, typer.Option(help="Also store simulated observed train labels: single-positive "
                                                      "or partial:P.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the observation draw and the validation hold-out.")] = 1200,
@@ -513,11 +513,13 @@ def prepare(
 
         if data is None:
             raise ValueError("mlic prepare shards needs --data PREPARED (a folder written by 'mlic prepare')")
-        for split, index in prepare_shards(data, out, shard_size, progress=sys.stderr.isatty(),
+        for split, index in prepare_shards(data, out, shard_size or "1GB", progress=sys.stderr.isatty(),
                                            log=lambda line: typer.echo(line, err=True)).items():
             unread = f"  ({len(index.skipped)} unreadable, not packed)" if index.skipped else ""
             typer.echo(f"{split:5s} {index.num_samples:7d} images  {len(index.shards)} shards{unread} -> {out / split}")
         return
+    if data is not None or shard_size is not None:
+        raise ValueError(f"--data and --shard-size belong to 'mlic prepare shards'; mlic prepare {kind} reads --root")
     if root is None:
         raise ValueError(f"mlic prepare {kind} needs --root (the data set folder)")
     written = run_prepare(kind, root, out, observe=observe, seed=seed, val_fraction=val_fraction,

@@ -351,6 +351,9 @@ def test_cli_prepare_shards(tmp_path):
     assert result.exit_code == 2 and "--shard-size 'big'" in result.output
     result = CliRunner().invoke(app, ["prepare", "coco", "--out", str(tmp_path / "z")])
     assert result.exit_code == 2 and "needs --root" in result.output
+    result = CliRunner().invoke(app, ["prepare", "coco", "--root", str(tmp_path), "--out", str(tmp_path / "z"),
+                                      "--shard-size", "1GB"])
+    assert result.exit_code == 2 and "belong to 'mlic prepare shards'" in result.output
 
 
 def test_truncated_tar_is_not_valid_before_index(tmp_path):
