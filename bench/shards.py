@@ -6,9 +6,10 @@ through ``collate``; the folder path is ``ImageDataset`` + ``make_loader(shuffle
 built into ``$MLIC_CACHE``) and synthetic 640x480 JPEGs (bench/decode.py's) at ``--size``. Each path runs
 ``--rounds`` epochs, interleaved; the best epoch of each is reported, by wall clock and (workers 0) by CPU
 time of the process, the per-core figure that other load on a shared machine disturbs least.
-Also reported: the time ``write_shards`` took and the shard bytes against the image bytes.
+Also reported: the time ``write_shards`` took, the shard bytes against the image bytes, and the CPU time per
+sample that streaming adds before decoding (tar reading and the labels entry).
 
-    python bench/shards.py [--digits 4000] [--jpegs 400] [--size 224] [--workers 0] [--rounds 3]
+    python bench/shards.py [--digits 4000] [--jpegs 400] [--size 224] [--workers 0] [--rounds 3] [--shard-mib 4]
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from decode import make_jpegs  # noqa: E402
 from mlic.data.digits import DigitsSpec, build_multidigits  # noqa: E402
 from mlic.data.images import ImageDataset, build_transform, collate, make_loader  # noqa: E402
 from mlic.data.labelset import LabelSet  # noqa: E402
-from mlic.data.shards import ShardDataset, write_shards  # noqa: E402
+from mlic.data.shards import ShardDataset, decode_row, write_shards  # noqa: E402
 
 
 def epoch_rate(loader) -> tuple[float, float]:
@@ -39,9 +40,10 @@ def epoch_rate(loader) -> tuple[float, float]:
     return count / (time.perf_counter() - start), count / (time.process_time() - cpu)
 
 
-def compare(name: str, labelset: LabelSet, size: int, workers: int, rounds: int, batch: int, tmp: Path) -> None:
+def compare(name: str, labelset: LabelSet, size: int, workers: int, rounds: int, batch: int, tmp: Path,
+            shard_mib: float) -> None:
     start = time.perf_counter()
-    shards = write_shards(labelset, tmp / name, shard_size_bytes=64 << 20, progress=False)
+    shards = write_shards(labelset, tmp / name, shard_size_bytes=int(shard_mib * 2**20), progress=False)
     written = time.perf_counter() - start
     image_bytes = sum(labelset.path(i).stat().st_size for i in range(len(labelset)))
     shard_bytes = sum(p.stat().st_size for p in shards)
@@ -61,6 +63,12 @@ def compare(name: str, labelset: LabelSet, size: int, workers: int, rounds: int,
           f"{shard_bytes / 2**20:.1f} MiB in {written:.2f} s; img_size {size}, workers {workers}, batch {batch}")
     print(f"  wall  folder {best['folder']:6.0f} images/s   shards {best['shards']:6.0f} images/s   "
           f"ratio {best['shards'] / best['folder']:.2f}   (best of {rounds} epochs each)")
+    start, count = time.process_time(), 0
+    for shard in range(len(stream.index.shards)):  # what streaming adds per sample: tar reading and labels, no decode
+        for _, _, entry in stream._read_shard(shard):
+            decode_row(entry["targets"], labelset.num_classes)
+            count += 1
+    print(f"  shard reading without decoding: {(time.process_time() - start) / count * 1e3:.3f} ms CPU per sample")
     if workers == 0:  # the decoding happens in this process: its CPU time is the per-core cost, robust to load
         print(f"  cpu   folder {cpu['folder']:6.0f} images/s   shards {cpu['shards']:6.0f} images/s   "
               f"ratio {cpu['shards'] / cpu['folder']:.2f}")
@@ -74,19 +82,20 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--shard-mib", type=float, default=4.0, help="shard size; several shards per worker")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if args.digits:
             digits = build_multidigits(spec=DigitsSpec(train=args.digits, val=100, test=100))["train"]
-            compare("multidigits", digits, 64, args.workers, args.rounds, args.batch, tmp)
+            compare("multidigits", digits, 64, args.workers, args.rounds, args.batch, tmp, args.shard_mib)
         if args.jpegs:
             (tmp / "jpg").mkdir()
             names = make_jpegs(tmp / "jpg", args.jpegs)
             targets = np.random.default_rng(0).integers(0, 2, (len(names), 10)).astype(np.int8)
             photos = LabelSet([f"c{k}" for k in range(10)], names, targets, str(tmp / "jpg"), "train")
-            compare("jpeg640x480", photos, args.size, args.workers, args.rounds, args.batch, tmp)
+            compare("jpeg640x480", photos, args.size, args.workers, args.rounds, args.batch, tmp, args.shard_mib)
 
 
 if __name__ == "__main__":
