@@ -513,6 +513,9 @@ def prepare(
 
         if data is None:
             raise ValueError("mlic prepare shards needs --data PREPARED (a folder written by 'mlic prepare')")
+        if root is not None or observe or val_fraction or option:
+            raise ValueError("mlic prepare shards packs --data as prepared; --root, --observe, --val-fraction and "
+                             "--option belong to preparing it (mlic prepare KIND)")
         for split, index in prepare_shards(data, out, shard_size or "1GB", progress=sys.stderr.isatty(),
                                            log=lambda line: typer.echo(line, err=True)).items():
             unread = f"  ({len(index.skipped)} unreadable, not packed)" if index.skipped else ""

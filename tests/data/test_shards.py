@@ -131,20 +131,27 @@ def test_sparse_targets_and_collate(tmp_path):
 
 
 def test_every_sample_once_across_ranks_and_workers(packed):
+    """2 simulated DDP ranks x 2 DataLoader workers, 2 epochs: each sample once per epoch, ranks disjoint."""
     _, out, shards = packed
     transform = build_transform(SIZE, train=False)
-    seen, per_rank = [], []
-    for rank in range(2):
-        dataset = ShardDataset(out, transform, seed=7, rank=rank, world_size=2, buffer=4)
-        dataset.set_epoch(1)
-        loader = DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=collate)
-        batches = list(loader)
-        got = [int(i) for _, _, idx, _ in batches for i in idx]
-        assert len(got) == len(dataset) and len(batches) == dataset.num_batches(2, num_workers=2)
-        per_rank.append(got)
-        seen += got
-    assert sorted(seen) == list(range(N))
-    assert set(per_rank[0]).isdisjoint(per_rank[1]) and all(per_rank)
+    datasets = [ShardDataset(out, transform, seed=7, rank=rank, world_size=2, buffer=4) for rank in range(2)]
+    loaders = [DataLoader(d, batch_size=2, num_workers=2, collate_fn=collate, persistent_workers=True)
+               for d in datasets]
+    assignments = []
+    for epoch in range(2):
+        per_rank = []
+        for dataset, loader in zip(datasets, loaders):
+            dataset.set_epoch(epoch)
+            batches = list(loader)
+            got = [int(i) for _, _, idx, _ in batches for i in idx]
+            assert len(got) == len(dataset) and len(batches) == dataset.num_batches(2, num_workers=2)
+            assert dataset.num_batches(2, num_workers=2) == datasets[0].num_batches(2, 2, rank=dataset.rank)
+            per_rank.append(got)
+        assert sorted(per_rank[0] + per_rank[1]) == list(range(N)) and all(per_rank)
+    for epoch in range(6):  # shards move between ranks from epoch to epoch (seeded)
+        datasets[0].set_epoch(epoch)
+        assignments.append(datasets[0].shards_for(0))
+    assert len({tuple(sorted(a)) for a in assignments}) > 1
 
 
 def test_persistent_workers_follow_set_epoch(packed):
@@ -174,6 +181,17 @@ def test_shuffle_is_seeded_and_changes_with_epoch(packed):
     assert order(0, 0) != order(0, 1) and order(0, 0) != order(1, 0)
     assert sorted(order(0, 1)) == list(range(N))
     assert [i for _, _, i, _ in ShardDataset(out, transform, shuffle=False)] == list(range(N))
+
+
+def test_rank_and_world_from_torchrun_variables(packed, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    dataset = ShardDataset(packed[1], build_transform(SIZE, train=False))
+    assert (dataset.rank, dataset.world_size) == (1, 2)
+    other = ShardDataset(packed[1], build_transform(SIZE, train=False), rank=0, world_size=2)
+    assert len(dataset) + len(other) == N
+    with pytest.raises(ValueError, match="rank 2 is not in"):
+        ShardDataset(packed[1], build_transform(SIZE, train=False), rank=2)
 
 
 def test_fewer_shards_than_ranks_or_workers(tmp_path, packed):
@@ -235,9 +253,10 @@ def test_truncated_shard_is_a_clear_error(packed, tmp_path):
         list(dataset)
     (broken / shards[1].name).write_bytes(data[: members[2].offset])
     # and the error arrives as one line through a DataLoader worker
-    loader = DataLoader(dataset, batch_size=4, num_workers=1, collate_fn=collate)
+    batches = iter(DataLoader(dataset, batch_size=4, num_workers=1, collate_fn=collate))
     with pytest.raises(ShardError) as caught:
-        list(loader)
+        list(batches)
+    batches._shutdown_workers()  # now, not when the garbage collector gets to it (seconds later, in another test)
     assert "\n" not in str(caught.value) and shards[1].name in str(caught.value)
 
 
@@ -349,6 +368,9 @@ def test_cli_prepare_shards(tmp_path):
     result = CliRunner().invoke(app, ["prepare", "shards", "--data", str(tmp_path / "prep"), "--out",
                                       str(tmp_path / "y"), "--shard-size", "big"])
     assert result.exit_code == 2 and "--shard-size 'big'" in result.output
+    result = CliRunner().invoke(app, ["prepare", "shards", "--data", str(tmp_path / "prep"), "--out",
+                                      str(tmp_path / "y"), "--observe", "single-positive"])
+    assert result.exit_code == 2 and "belong to preparing it" in result.output
     result = CliRunner().invoke(app, ["prepare", "coco", "--out", str(tmp_path / "z")])
     assert result.exit_code == 2 and "needs --root" in result.output
     result = CliRunner().invoke(app, ["prepare", "coco", "--root", str(tmp_path), "--out", str(tmp_path / "z"),
