@@ -512,9 +512,9 @@ def prepare(
         from mlic.data.shards import prepare_shards
 
         if data is None:
-            raise ValueError("mlic prepare shards needs --data PREPARED (a folder written by 'mlic prepare')")
+            raise MlicError("mlic prepare shards needs --data PREPARED (a folder written by 'mlic prepare')")
         if root is not None or observe or val_fraction or option:
-            raise ValueError("mlic prepare shards packs --data as prepared; --root, --observe, --val-fraction and "
+            raise MlicError("mlic prepare shards packs --data as prepared; --root, --observe, --val-fraction and "
                              "--option belong to preparing it (mlic prepare KIND)")
         for split, index in prepare_shards(data, out, shard_size or "1GB", progress=sys.stderr.isatty(),
                                            log=lambda line: typer.echo(line, err=True)).items():
@@ -522,9 +522,9 @@ def prepare(
             typer.echo(f"{split:5s} {index.num_samples:7d} images  {len(index.shards)} shards{unread} -> {out / split}")
         return
     if data is not None or shard_size is not None:
-        raise ValueError(f"--data and --shard-size belong to 'mlic prepare shards'; mlic prepare {kind} reads --root")
+        raise MlicError(f"--data and --shard-size belong to 'mlic prepare shards'; mlic prepare {kind} reads --root")
     if root is None:
-        raise ValueError(f"mlic prepare {kind} needs --root (the data set folder)")
+        raise MlicError(f"mlic prepare {kind} needs --root (the data set folder)")
     written = run_prepare(kind, root, out, observe=observe, seed=seed, val_fraction=val_fraction,
                           **parse_kv(option, "--option"))
     for split, folder in written.items():

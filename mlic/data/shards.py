@@ -41,6 +41,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from mlic.data.images import ImageError, read_image
 from mlic.data.labelset import LabelSet, LabelSetError
+from mlic.errors import MlicError
 from mlic.io import _atomic_file, atomic_write_bytes, remove_stale, replace_dir, temp_dir_for
 
 FORMAT_VERSION = 1
@@ -51,7 +52,7 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-class ShardError(ValueError):
+class ShardError(MlicError):
     """A shard folder or shard cannot be used; the message names it and what to do."""
 
     def __init__(self, message: str) -> None:
@@ -67,10 +68,10 @@ def parse_size(text: str | int) -> int:
     found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?I?B?)\s*", str(text), re.IGNORECASE)
     unit = found.group(2).upper() if found else None
     if unit not in _UNITS or unit == "I":
-        raise ValueError(f"--shard-size {text!r}: write bytes or a size like 1GB, 500MB, 256MiB")
+        raise MlicError(f"--shard-size {text!r}: write bytes or a size like 1GB, 500MB, 256MiB")
     size = int(float(found.group(1)) * _UNITS[unit])
     if size < 1:
-        raise ValueError(f"--shard-size {text!r}: must be at least 1 byte")
+        raise MlicError(f"--shard-size {text!r}: must be at least 1 byte")
     return size
 
 
@@ -396,7 +397,9 @@ class ShardDataset(IterableDataset):
 
     Inside a worker, samples pass a shuffle buffer of ``buffer`` encoded samples seeded by
     ``(seed, epoch, rank, worker)``: the order is the same on every run and changes with :meth:`set_epoch`
-    (call it before iterating, as with DistributedSampler; resuming at epoch e is ``set_epoch(e)``).
+    (call it before iterating, as with DistributedSampler; resuming at epoch e is ``set_epoch(e)``). With
+    ``shuffle`` each sample's transform also runs under its own torch seed (:meth:`sample_seed`, from seed,
+    epoch and row), so its augmentation does not depend on how many ranks or workers read the shards.
 
     A damaged shard stops the epoch with a :class:`ShardError` naming the shard: unreadable or truncated tar,
     a sample without its labels or its image, or fewer samples than index.json lists. None of these is
@@ -428,7 +431,7 @@ class ShardDataset(IterableDataset):
         self.rank = found_rank if rank is None else int(rank)
         self.world_size = found_world if world_size is None else int(world_size)
         if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} is not in [0, {self.world_size})")
+            raise ShardError(f"rank {self.rank} is not in [0, {self.world_size}); check RANK and WORLD_SIZE")
         if len(self.index.shards) < self.world_size:
             raise ShardError(f"{self.index.location}: {len(self.index.shards)} shards for {self.world_size} ranks; "
                              "every rank needs at least one: write smaller shards (mlic prepare shards --shard-size)")
@@ -483,13 +486,25 @@ class ShardDataset(IterableDataset):
         key = "observed" if self.targets == "train" and self.index.observed else "targets"
         k = self.num_classes
         for name, data, entry in samples:
+            row = int(entry["index"])
             target = torch.from_numpy(decode_row(entry[key], k))
             try:
-                image = read_image(name, self.transform, self.decode_size, data=data)
+                if not self.shuffle:
+                    image = read_image(name, self.transform, self.decode_size, data=data)
+                else:  # augmentation draws depend on (seed, epoch, row) alone: not on rank, worker or buffer order
+                    with torch.random.fork_rng(devices=[]):
+                        torch.manual_seed(self.sample_seed(row))
+                        image = read_image(name, self.transform, self.decode_size, data=data)
             except ImageError as e:
-                yield None, target, int(entry["index"]), str(e)
+                yield None, target, row, str(e)
                 continue
-            yield image, target, int(entry["index"]), None
+            yield image, target, row, None
+
+    def sample_seed(self, row: int) -> int:
+        """The torch seed of row ``row``'s transform this epoch (with ``shuffle``): ``ImageDataset[(row, seed)]``
+        gives the same pixels."""
+        key = (self.seed * 1_000_003 + self.epoch) % 2**62
+        return (key * 1_000_033 + row) % 2**62
 
     def _read_shard(self, position: int) -> Iterator[tuple[str, bytes, dict]]:
         """(name for messages, image bytes, labels entry) of each sample of one shard, checked against index.json."""

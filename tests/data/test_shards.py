@@ -113,12 +113,20 @@ def test_same_rows_as_image_dataset(packed):
     clean = rows(ShardDataset(out, transform, targets="clean", shuffle=False))
     for i, (_, target, _) in clean.items():
         np.testing.assert_array_equal(target.numpy(), labelset.targets[i])
-    # random train transforms draw the same numbers from torch's generator, so the pixels still agree
+    # training: each sample's augmentation runs under its own seed, as ImageDataset[(row, seed)] does
     train = build_transform(SIZE, train=True, augment="light")
-    torch.manual_seed(3)
-    first = next(iter(ShardDataset(out, train, shuffle=False)))
-    torch.manual_seed(3)
-    assert torch.equal(first[0], ImageDataset(labelset, train)[first[2]][0])
+    streamed = ShardDataset(out, train, seed=5, buffer=4)
+    streamed.set_epoch(2)
+    folder = ImageDataset(labelset, train)
+    drawn = rows(streamed)
+    for i, (image, _, _) in drawn.items():
+        assert torch.equal(image, folder[(i, streamed.sample_seed(i))][0])
+    assert any(not torch.equal(image, ImageDataset(labelset, transform)[i][0]) for i, (image, _, _) in drawn.items())
+    # the same draws whatever the rank/worker split
+    halves = [ShardDataset(out, train, seed=5, buffer=4, rank=r, world_size=2) for r in range(2)]
+    for half in halves:
+        half.set_epoch(2)
+        assert all(torch.equal(image, drawn[i][0]) for i, (image, _, _) in rows(half).items())
 
 
 def test_sparse_targets_and_collate(tmp_path):
