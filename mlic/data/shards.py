@@ -6,8 +6,8 @@ A shard folder (one per split) holds::
                         <key>.<ext>          the image file's bytes as on disk (not re-encoded; its extension)
                         <key>.labels.json    {"index": row, "path": image path, "targets": row code,
                                               ["observed": row code]}  (code: :func:`encode_row`)
-    index.json          {"format", "split", "classes", "shards": [names], "samples": [count per shard],
-                         "observed", "skipped": [{"index", "path", "reason"}], "meta"}; written last
+    index.json          {"format", "split", "classes", "num_rows", "shards": [names], "samples": [count per
+                         shard], "observed", "skipped": [{"index", "path", "reason"}], "meta"}; written last
     labels/             the LabelSet itself (classes, clean and observed targets; its image root points at
                         the original images), so training has every label without reading a shard
 
@@ -239,11 +239,13 @@ def prepare_shards(data: str | os.PathLike, out: str | os.PathLike, shard_size: 
     data, out = Path(data), Path(out)
     size = parse_size(shard_size)
     sets = _load_splits(data)
+    if out.exists() and not out.is_dir():
+        raise ShardError(f"{out}: --out is a file; give a folder for the shards")
     if out.exists():
         others = [p.name for p in out.iterdir() if not p.name.startswith(".") and not (p / INDEX_NAME).is_file()]
-        if not out.is_dir() or others:
-            raise ShardError(f"{out}: holds {', '.join(sorted(others)[:3]) or 'a file'}, not only shard folders; "
-                             "--out is replaced as a whole, so choose a new or empty folder")
+        if others:
+            raise ShardError(f"{out}: holds {', '.join(sorted(others)[:3])}, not only shard folders; --out is "
+                             "replaced as a whole, so choose a new or empty folder")
     remove_stale(out.parent, out.name)
     tmp = temp_dir_for(out)
     try:

@@ -356,6 +356,9 @@ def test_prepare_shards_writes_every_split_and_replaces_as_a_whole(tmp_path):
     (tmp_path / "other" / "notes.txt").write_text("keep")
     with pytest.raises(ShardError, match="notes.txt, not only shard folders"):
         prepare_shards(tmp_path / "prep", tmp_path / "other", "1GB", progress=False)
+    with pytest.raises(ShardError, match="--out is a file"):
+        prepare_shards(tmp_path / "prep", tmp_path / "other" / "notes.txt", "1GB", progress=False)
+    assert (tmp_path / "other" / "notes.txt").read_text() == "keep"
 
 
 def test_cli_prepare_shards(tmp_path):
