@@ -1,8 +1,9 @@
 """Streaming from WebDataset shards vs reading the image folder: images per second into uint8 batches.
 
 Both paths decode through ``read_image`` with the same training transform (light augmentation) and batch
-through ``collate``; the folder path is ``ImageDataset`` + ``make_loader(shuffle=True)``, the shard path
-``ShardDataset`` (shuffle buffer 1000) + the same DataLoader settings. Two data sets: MultiDigits (64 px PNGs,
+through ``collate``. Folder: ``ImageDataset`` + ``make_loader(shuffle=True)``; folder+seeds: the same in the
+training loop's ``EpochOrder`` (a torch seed per sample); shards: ``ShardDataset`` (shuffle buffer 1000, a seed
+per sample) + the same DataLoader settings. Two data sets: MultiDigits (64 px PNGs,
 built into ``$MLIC_CACHE``) and synthetic 640x480 JPEGs (bench/decode.py's) at ``--size``. Each path runs
 ``--rounds`` epochs, interleaved; the best epoch of each is reported, by wall clock and (workers 0) by CPU
 time of the process, the per-core figure that other load on a shared machine disturbs least.
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import make_jpegs  # noqa: E402
 
 from mlic.data.digits import DigitsSpec, build_multidigits  # noqa: E402
-from mlic.data.images import ImageDataset, build_transform, collate, make_loader  # noqa: E402
+from mlic.data.images import EpochOrder, ImageDataset, build_transform, collate, make_loader  # noqa: E402
 from mlic.data.labelset import LabelSet  # noqa: E402
 from mlic.data.shards import ShardDataset, decode_row, write_shards  # noqa: E402
 
@@ -49,29 +50,33 @@ def compare(name: str, labelset: LabelSet, size: int, workers: int, rounds: int,
     shard_bytes = sum(p.stat().st_size for p in shards)
     transform = build_transform(size, train=True, augment="light")
     folder = make_loader(ImageDataset(labelset, transform), batch, shuffle=True, workers=workers)
+    order = EpochOrder(len(labelset), seed=0)  # the training loop's order: a seed per sample, as shards use
+    seeded = make_loader(ImageDataset(labelset, transform), batch, workers=workers, sampler=order)
     stream = ShardDataset(tmp / name, transform, seed=0)
     streamed = torch.utils.data.DataLoader(stream, batch_size=batch, num_workers=workers, collate_fn=collate,
                                            persistent_workers=workers > 0)
-    rates = {"folder": [], "shards": []}
+    rates = {"folder": [], "folder+seeds": [], "shards": []}
     for epoch in range(rounds):
         rates["folder"].append(epoch_rate(folder))
+        order.set_epoch(epoch)
+        rates["folder+seeds"].append(epoch_rate(seeded))
         stream.set_epoch(epoch)
         rates["shards"].append(epoch_rate(streamed))
-    best = {k: max(r[0] for r in v) for k, v in rates.items()}
-    cpu = {k: max(r[1] for r in v) for k, v in rates.items()}
     print(f"{name}: {len(labelset)} images, {image_bytes / 2**20:.1f} MiB of files -> {len(shards)} shards "
-          f"{shard_bytes / 2**20:.1f} MiB in {written:.2f} s; img_size {size}, workers {workers}, batch {batch}")
-    print(f"  wall  folder {best['folder']:6.0f} images/s   shards {best['shards']:6.0f} images/s   "
-          f"ratio {best['shards'] / best['folder']:.2f}   (best of {rounds} epochs each)")
+          f"{shard_bytes / 2**20:.1f} MiB in {written:.2f} s; img_size {size}, workers {workers}, batch {batch}, "
+          f"best of {rounds} epochs each")
+    for column, label in ((0, "wall"), (1, "cpu ")):
+        if column == 1 and workers:  # with workers the decoding is not in this process
+            continue
+        best = {k: max(r[column] for r in v) for k, v in rates.items()}
+        print(f"  {label}  " + "   ".join(f"{k} {v:6.0f} images/s" for k, v in best.items()) +
+              f"   shards/folder {best['shards'] / best['folder']:.2f}")
     start, count = time.process_time(), 0
     for shard in range(len(stream.index.shards)):  # what streaming adds per sample: tar reading and labels, no decode
         for _, _, entry in stream._read_shard(shard):
             decode_row(entry["targets"], labelset.num_classes)
             count += 1
     print(f"  shard reading without decoding: {(time.process_time() - start) / count * 1e3:.3f} ms CPU per sample")
-    if workers == 0:  # the decoding happens in this process: its CPU time is the per-core cost, robust to load
-        print(f"  cpu   folder {cpu['folder']:6.0f} images/s   shards {cpu['shards']:6.0f} images/s   "
-              f"ratio {cpu['shards'] / cpu['folder']:.2f}")
 
 
 def main() -> None:

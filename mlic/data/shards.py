@@ -495,7 +495,9 @@ class ShardDataset(IterableDataset):
                     image = read_image(name, self.transform, self.decode_size, data=data)
                 else:  # augmentation draws depend on (seed, epoch, row) alone: not on rank, worker or buffer order
                     with torch.random.fork_rng(devices=[]):
-                        torch.manual_seed(self.sample_seed(row))
+                        # the CPU generator only: torch.manual_seed also queues a lazy CUDA seeding that formats
+                        # the call stack each time (~0.5 ms a sample, measured); the draws are the same
+                        torch.default_generator.manual_seed(self.sample_seed(row))
                         image = read_image(name, self.transform, self.decode_size, data=data)
             except ImageError as e:
                 yield None, target, row, str(e)
