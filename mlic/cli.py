@@ -496,9 +496,13 @@ def serve(
 @user_errors
 def prepare(
     kind: Annotated[str, typer.Argument(help="Data set kind: coco, voc, nuswide, cub, table, openimages, or cole (Cole "
-                                              "et al.'s formatted_*.npy files).")],
-    root: Annotated[Path, typer.Option(help="The data set folder (for table: the CSV/TSV/JSON file).")],
-    out: Annotated[Path, typer.Option(help="Folder receiving one LabelSet folder per split.")],
+                                              "et al.'s formatted_*.npy files); or shards: pack a prepared folder "
+                                              "(--data) into WebDataset shards.")],
+    out: Annotated[Path, typer.Option(help="Folder receiving one LabelSet (or, for shards, shard) folder per split.")],
+    root: Annotated[Path | None, typer.Option(help="The data set folder (for table: the CSV/TSV/JSON file).")] = None,
+    data: Annotated[Path | None, typer.Option(help="shards: the prepared folder (train/ val/ test/) to pack.")] = None,
+    shard_size: Annotated[str | None, typer.Option(help="shards: the most bytes per shard: 1GB (default), 500MB, "
+                                                        "256MiB or a number of bytes.")] = None,
     observe: Annotated[str | None, typer.Option(help="Also store simulated observed train labels: single-positive "
                                                      "or partial:P.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the observation draw and the validation hold-out.")] = 1200,
@@ -514,6 +518,23 @@ def prepare(
     from mlic.data.labelset import LabelSet
     from mlic.data.prepare import prepare as run_prepare
 
+    if kind == "shards":
+        from mlic.data.shards import prepare_shards
+
+        if data is None:
+            raise MlicError("mlic prepare shards needs --data PREPARED (a folder written by 'mlic prepare')")
+        if root is not None or observe or val_fraction or option:
+            raise MlicError("mlic prepare shards packs --data as prepared; --root, --observe, --val-fraction and "
+                             "--option belong to preparing it (mlic prepare KIND)")
+        for split, index in prepare_shards(data, out, shard_size or "1GB", progress=sys.stderr.isatty(),
+                                           log=lambda line: typer.echo(line, err=True)).items():
+            unread = f"  ({len(index.skipped)} unreadable, not packed)" if index.skipped else ""
+            typer.echo(f"{split:5s} {index.num_samples:7d} images  {len(index.shards)} shards{unread} -> {out / split}")
+        return
+    if data is not None or shard_size is not None:
+        raise MlicError(f"--data and --shard-size belong to 'mlic prepare shards'; mlic prepare {kind} reads --root")
+    if root is None:
+        raise MlicError(f"mlic prepare {kind} needs --root (the data set folder)")
     written = run_prepare(kind, root, out, observe=observe, seed=seed, val_fraction=val_fraction,
                           **parse_kv(option, "--option"))
     for split, folder in written.items():

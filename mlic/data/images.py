@@ -15,6 +15,7 @@ input that training, evaluation, feature extraction and prediction share.
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import warnings
 from pathlib import Path
@@ -82,7 +83,7 @@ def _decode_pil(img: Image.Image, min_size: int | None) -> Image.Image:
     return to_rgb(img)
 
 
-def load_image(path: str | Path, min_size: int | None = None) -> Image.Image:
+def load_image(path: str | Path, min_size: int | None = None, data: bytes | None = None) -> Image.Image:
     """Decode an image file to an 8-bit RGB PIL image, honouring EXIF orientation.
 
     Args:
@@ -90,31 +91,33 @@ def load_image(path: str | Path, min_size: int | None = None) -> Image.Image:
         min_size: if given, JPEGs are decoded at a reduced scale (1/2, 1/4, 1/8) as long as both sides
             stay ≥ ``DRAFT_MARGIN`` × this, so quality at the target size is kept (any image smaller than
             that decodes at full size).
+        data: the file's bytes, already read (e.g. from a shard); ``path`` then only names them in messages.
 
     Raises:
         ImageError: missing, truncated or undecodable file, or more pixels than ``PIL.Image.MAX_IMAGE_PIXELS``
             (a decompression bomb); the message starts with the path.
     """
     with _reading(path):
-        return _decode_pil(Image.open(path), min_size)
+        return _decode_pil(Image.open(path if data is None else io.BytesIO(data)), min_size)
 
 
-def decode_image(path: str | Path, min_size: int | None = None) -> torch.Tensor:
+def decode_image(path: str | Path, min_size: int | None = None, data: bytes | None = None) -> torch.Tensor:
     """Decode an image file to uint8 RGB (3, H, W) (channels-last in memory), as :func:`load_image` would.
 
     Baseline/progressive RGB and grey JPEGs that need no reduced-scale decode go straight from libjpeg-turbo
     into a tensor (torchvision's decoder, EXIF orientation applied, the same pixels as PIL); everything
-    else decodes through :func:`load_image`.
+    else decodes through :func:`load_image`. ``data``: the file's bytes, already read (``path`` names them).
 
     Raises:
         ImageError: as :func:`load_image`.
     """
     with _reading(path):
-        img = Image.open(path)  # reads the header only; refuses decompression bombs
+        img = Image.open(path if data is None else io.BytesIO(data))  # the header only; refuses decompression bombs
         fast = decode_jpeg is not None and img.format == "JPEG" and img.mode in ("RGB", "L")
         if fast and _draft_scale(img.size, min_size) == 1:
             img.close()
-            return decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+            raw = read_file(str(path)) if data is None else torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            return decode_jpeg(raw, mode=ImageReadMode.RGB, apply_exif_orientation=True)
         img = _decode_pil(img, min_size)
     return ToUint8Tensor()(img)
 
@@ -298,19 +301,20 @@ class EpochOrder(torch.utils.data.Sampler):
         return math.ceil(self.num_rows / self.world) - self.start
 
 
-def read_image(path: str | Path, transform, decode_size: int | None = None) -> torch.Tensor:
+def read_image(path: str | Path, transform, decode_size: int | None = None, data: bytes | None = None) -> torch.Tensor:
     """The one path from a file to a model input, shared by training, evaluation, features and prediction.
 
     Decodes ``path`` (reduced-scale JPEG decoding down to ``decode_size``, default the transform's
     ``decode_size``) and applies ``transform``: a uint8 tensor (3, S, S) for :func:`build_transform`.
+    ``data``: the file's bytes, already read (streamed from a shard); ``path`` then only names them.
 
     Raises:
         ImageError: the file cannot be used; the message starts with the path.
     """
     size = decode_size if decode_size is not None else getattr(transform, "decode_size", None)
     if getattr(transform, "tensor_input", False):
-        return transform(decode_image(path, size))
-    return transform(load_image(path, size))
+        return transform(decode_image(path, size, data))
+    return transform(load_image(path, size, data))
 
 
 def parse_bad_limit(text: str | float | int) -> float:
