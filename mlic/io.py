@@ -33,7 +33,7 @@ FILE_MODE = 0o666 & ~_umask()
 
 
 @contextmanager
-def _atomic_file(path: str | os.PathLike) -> Iterator[tuple[IO[bytes], str]]:
+def atomic_file(path: str | os.PathLike) -> Iterator[tuple[IO[bytes], str]]:
     """A temporary file beside ``path`` (object, name), moved onto ``path`` when the block ends without error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -53,13 +53,13 @@ def _atomic_file(path: str | os.PathLike) -> Iterator[tuple[IO[bytes], str]]:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see either the old or the new file, never half."""
-    with _atomic_file(path) as (f, _):
+    with atomic_file(path) as (f, _):
         f.write(data)
 
 
 def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     """``np.save`` to ``path`` atomically, streamed to disk (no second copy of the array in memory)."""
-    with _atomic_file(path) as (f, _):
+    with atomic_file(path) as (f, _):
         np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
 
 
@@ -70,7 +70,7 @@ def atomic_npy_memmap(path: str | os.PathLike, dtype, shape: tuple[int, ...]) ->
     Lets a writer fill an array larger than memory piece by piece, with the same all-or-nothing
     guarantee as :func:`atomic_save_npy`.
     """
-    with _atomic_file(path) as (f, tmp):
+    with atomic_file(path) as (f, tmp):
         if not np.prod(shape, dtype=np.int64):  # an empty file cannot be memory-mapped
             empty = np.zeros(shape, dtype)
             yield empty

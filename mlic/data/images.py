@@ -263,6 +263,14 @@ class ImageDataset(Dataset):
         return img, target, i, None
 
 
+def sample_seed(seed: int, epoch: int, row: int) -> int:
+    """The seed of one training sample's augmentation: a function of (run seed, epoch, dataset row) alone, so
+    the pixels do not depend on batch, worker, rank or storage (a folder or shards), and a resumed run
+    draws them again."""
+    key = (seed * 1_000_003 + epoch) % 2**62
+    return (key * 1_000_033 + row) % 2**62
+
+
 class EpochOrder(torch.utils.data.Sampler):
     """The training order: a fresh permutation each epoch, a function of (seed, epoch) alone, so a resumed
     run replays it exactly, from any batch. Yields (row, sample seed) pairs for :class:`ImageDataset`.
@@ -292,10 +300,9 @@ class EpochOrder(torch.utils.data.Sampler):
         return order[self.rank::self.world]
 
     def __iter__(self):
-        key = (self.seed * 1_000_003 + self.epoch) % 2**62
         rows = self.rows().tolist()
         for position in range(self.start, len(rows)):
-            yield rows[position], (key * 1_000_033 + position * self.world + self.rank) % 2**62
+            yield rows[position], sample_seed(self.seed, self.epoch, rows[position])
 
     def __len__(self) -> int:
         return math.ceil(self.num_rows / self.world) - self.start

@@ -39,10 +39,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from mlic.data.images import ImageError, read_image
+from mlic.data.images import ImageError, read_image, sample_seed
 from mlic.data.labelset import LabelSet, LabelSetError
 from mlic.errors import MlicError
-from mlic.io import _atomic_file, atomic_write_bytes, remove_stale, replace_dir, temp_dir_for
+from mlic.io import atomic_file, atomic_write_bytes, remove_stale, replace_dir, temp_dir_for
 
 FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
@@ -187,7 +187,7 @@ def write_shards(labelset: LabelSet, out_dir: str | os.PathLike, shard_size_byte
             if writer is None:
                 shards.append(out_dir / f"shard-{len(shards):06d}.tar")
                 samples.append(0)
-                handle = _atomic_file(shards[-1])
+                handle = atomic_file(shards[-1])
                 writer = wds.TarWriter(handle.__enter__()[0], encoder=False, mtime=0)
                 shard_bytes = 0
             writer.write(sample)
@@ -507,8 +507,7 @@ class ShardDataset(IterableDataset):
     def sample_seed(self, row: int) -> int:
         """The torch seed of row ``row``'s transform this epoch (with ``shuffle``): ``ImageDataset[(row, seed)]``
         gives the same pixels."""
-        key = (self.seed * 1_000_003 + self.epoch) % 2**62
-        return (key * 1_000_033 + row) % 2**62
+        return sample_seed(self.seed, self.epoch, row)
 
     def _read_shard(self, position: int) -> Iterator[tuple[str, bytes, dict]]:
         """(name for messages, image bytes, labels entry) of each sample of one shard, checked against index.json."""
