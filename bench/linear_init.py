@@ -40,18 +40,19 @@ def main() -> None:
     parser.add_argument("--pretrain-epochs", type=int, default=15)
     parser.add_argument("--finetune-epochs", type=int, default=6)
     parser.add_argument("--out", type=Path, default=Path("runs/linear_init"))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: chosen by mlic)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     data = build_multidigits()
-    weights = pretrain_backbone(args.out, args.pretrain_epochs)
+    weights = pretrain_backbone(args.out, args.pretrain_epochs, args.threads)
     print(f"pretrained backbone: {weights} ({time.perf_counter() - t0:.0f}s)", flush=True)
     clean = np.asarray(data["train"].targets)
     results: dict[str, list[float]] = {"fresh head": [], "linear-init": []}
     for s in range(args.seeds):
         train = data["train"].with_observed(single_positive(clean, seed=1200 + s))
         splits = Splits(train, data["val"], data["test"])
-        cfg = TrainConfig(epochs=args.finetune_epochs, lr=2e-3, hflip=False, seed=s, loss="role")
+        cfg = TrainConfig(epochs=args.finetune_epochs, lr=2e-3, hflip=False, seed=s, loss="role", threads=args.threads)
         for arm, mode in (("fresh head", "finetune"), ("linear-init", "linear-init")):
             job = TrainJob(ModelConfig(num_classes=10), cfg, splits, args.out / f"{mode}_{s}", mode=mode,
                            linear={"batch_size": 16, "lr": 1e-3, "epochs": 25}, pretrained=str(weights), **QUIET)

@@ -42,13 +42,13 @@ METHODS = [("full labels (BCE)", "bce", True), ("AN", "an", False), ("AN-LS", "a
 QUIET = dict(progress=False, log=lambda *a, **k: None)
 
 
-def pretrain_backbone(out: Path, epochs: int) -> Path:
+def pretrain_backbone(out: Path, epochs: int, threads: int | None = None) -> Path:
     """Train digitnet with full labels on a separate draw; save its backbone weights."""
     path = out / "pretrained_backbone.safetensors"
     if path.exists():
         return path
     pre = build_multidigits(spec=DigitsSpec(train=4000, val=500, test=0, draw_seed=1))
-    cfg = TrainConfig(epochs=epochs, lr=4e-3, hflip=False, workers=0)
+    cfg = TrainConfig(epochs=epochs, lr=4e-3, hflip=False, workers=0, threads=threads)
     run(TrainJob(ModelConfig(num_classes=10), cfg, Splits(pre["train"], pre["val"], None), out / "pretrain", **QUIET))
     from mlic.engine.checkpoint import load_model
 
@@ -69,11 +69,12 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=6)
     parser.add_argument("--no-finetune", action="store_true", help="linear probe only")
     parser.add_argument("--out", type=Path, default=Path("runs/spl"))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: chosen by mlic)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     data = build_multidigits()
-    weights = pretrain_backbone(args.out, args.pretrain_epochs)
+    weights = pretrain_backbone(args.out, args.pretrain_epochs, args.threads)
     print(f"pretrained backbone: {weights} ({time.perf_counter() - t0:.0f}s)")
     model_cfg = ModelConfig(num_classes=10)
     model = build_model(model_cfg, pretrained=weights).eval()
@@ -94,7 +95,7 @@ def main() -> None:
             if not args.no_finetune:
                 tr = data["train"].with_observed(None if full else observed)
                 cfg = TrainConfig(epochs=args.finetune_epochs, lr=2e-3, hflip=False, workers=0, seed=s, loss=loss,
-                                  loss_args=loss_args)
+                                  loss_args=loss_args, threads=args.threads)
                 splits = Splits(tr, data["val"], data["test"])
                 result = run(TrainJob(model_cfg, cfg, splits, args.out / f"ft_{loss}_{s}", pretrained=str(weights),
                                       **QUIET))
