@@ -82,6 +82,16 @@ class LossInputError(MlicError):
     """Targets or indices a loss cannot use; the message says what to pass instead."""
 
 
+def batch_inputs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch as every loss reads it: logits (B, K) in float32 or float64 (half precision promoted), targets
+    (B, K) on the logits' device; a shape mismatch is one clear error."""
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    targets = targets.to(logits.device)
+    if targets.shape != logits.shape:
+        raise LossInputError(f"targets have shape {tuple(targets.shape)}, logits {tuple(logits.shape)}")
+    return logits, targets
+
+
 def require_indices(name: str, indices: torch.Tensor | None) -> torch.Tensor:
     """The batch's dataset rows as a long tensor, or a one-line error for a per-image loss called without them."""
     if indices is None:

@@ -30,7 +30,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from mlic.losses import EpochLoss, LossInputError, register_loss, require_indices, require_unknown
+from mlic.losses import EpochLoss, LossInputError, batch_inputs, register_loss, require_indices, require_unknown
 
 SCHEMES = ("ll_r", "ll_ct", "ll_cp")
 WRITEBACKS = ("strict", "inclusive")
@@ -74,10 +74,7 @@ def large_loss(
     """
     if scheme not in SCHEMES:
         raise LossInputError(f"large-loss scheme must be one of {SCHEMES}, got {scheme!r}")
-    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    targets = targets.to(logits.device)
-    if targets.shape != logits.shape:
-        raise LossInputError(f"targets have shape {tuple(targets.shape)}, logits {tuple(logits.shape)}")
+    logits, targets = batch_inputs(logits, targets)
     positive = (targets == 1).to(logits.dtype)
     loss = F.binary_cross_entropy_with_logits(logits, positive, reduction="none")
     if k == 0:

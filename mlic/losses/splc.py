@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mlic.losses import EpochLoss, LossInputError, register_loss
+from mlic.losses import EpochLoss, LossInputError, batch_inputs, register_loss
 
 REDUCTIONS = ("sum", "mean", "none")
 
@@ -30,10 +30,7 @@ REDUCTIONS = ("sum", "mean", "none")
 def _prepare(logits: torch.Tensor, targets: torch.Tensor, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
     if reduction not in REDUCTIONS:
         raise LossInputError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    targets = targets.to(logits.device)
-    if targets.shape != logits.shape:
-        raise LossInputError(f"targets have shape {tuple(targets.shape)}, logits {tuple(logits.shape)}")
+    logits, targets = batch_inputs(logits, targets)
     return logits, targets == 1
 
 
