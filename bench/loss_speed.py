@@ -31,7 +31,8 @@ LOSSES = ["an", "an_ls", "wan", "epr", "role", "ll_r", "ll_ct", "ll_cp", "em", "
 
 def epoch_seconds(loss: str, splits: Splits, out: Path, epochs: int) -> float:
     """Training seconds of the last epoch (validation excluded), from the run's own log."""
-    cfg = TrainConfig(epochs=epochs, batch_size=64, lr=2e-3, hflip=False, loss=loss, workers=0)
+    args = {"warmup_epochs": 0} if loss == "em_apl" else {}  # its warm-up must be shorter than the run
+    cfg = TrainConfig(epochs=epochs, batch_size=64, lr=2e-3, hflip=False, loss=loss, loss_args=args, workers=0)
     result = run(TrainJob(ModelConfig(num_classes=10, img_size=32), cfg, splits, out, progress=False,
                           log=lambda *a, **k: None))
     return result.history[-1]["train_s"]
