@@ -181,9 +181,11 @@ def test_a_run_is_never_overwritten_by_surprise(tiny_run):
     one_error_line(run(*args), f"{out}: holds a run already", "--resume", "--overwrite")
     assert (out / "model.safetensors").read_bytes() == before
     (out / "notes.txt").write_text("mine")
+    (out / "loss.safetensors").write_bytes(b"stale loss state of the old run")
     result = run(*args, "--overwrite", "--seed", "5")
     assert result.exit_code == 0, result.output
     assert (out / "model.safetensors").read_bytes() != before and (out / "notes.txt").read_text() == "mine"
+    assert not (out / "loss.safetensors").exists()  # bce keeps no state: the old run's must not survive
 
 
 def test_resume_names_each_setting_that_differs(tiny_run):

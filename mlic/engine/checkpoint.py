@@ -25,7 +25,8 @@ from mlic.io import UnsafeFileError, atomic_write_bytes, check_writable, load_to
 from mlic.models.weights import check_state_dict
 
 RUN_FILES = ("model.safetensors", "model.json", "last.pt", "metrics.jsonl", "test_metrics.json", "test_scores.npy",
-             "report.md", "training.png", "per_class_ap.png", "pr_curves.png", "estimated_labels.npy", "features")
+             "report.md", "training.png", "per_class_ap.png", "pr_curves.png", "estimated_labels.npy", "features",
+             "loss.safetensors", "linear")
 """What a run writes into its folder: a folder holding model.json, last.pt or metrics.jsonl holds a run."""
 
 
