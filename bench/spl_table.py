@@ -1,4 +1,7 @@
-"""Single-positive results table on MultiDigits: full-label BCE vs AN, AN-LS, WAN, EPR, ROLE.
+"""Single-positive results table on MultiDigits: full-label BCE vs Cole et al.'s losses and the methods after them.
+
+Methods: full labels (BCE); Cole et al.'s AN, AN-LS, WAN, EPR, ROLE; Large Loss (LL-R, LL-Ct, LL-Cp), LL-R with
+the BoostLU head, EM and EM + APL, Hill and SPLC, GR Loss — each with its registry defaults (``mlic losses``).
 
 Cole et al.'s protocol, scaled to the embedded data set:
 1. A backbone is pretrained with full labels on a separate MultiDigits draw (``draw_seed=1``: new
@@ -8,11 +11,14 @@ Cole et al.'s protocol, scaled to the embedded data set:
    train (``single_positive``, seed 1200 + s); validation and test keep clean labels.
 3. Linear probe: features cached once; each loss runs the lr grid {1e-3, 1e-2} × batch {16, 64} for
    25 epochs, the run and epoch picked by validation mAP.
-   Fine-tuned: backbone + linear head end to end from the pretrained weights, fixed settings.
+   Fine-tuned: backbone + head end to end from the pretrained weights, fixed settings (6 epochs, lr 2e-3).
+   LL-R + BoostLU has no linear-probe entry: BoostLU boosts each location of the class activation map
+   before pooling, and the probe trains on pooled cached features, where it is not defined.
 4. Test mAP (clean labels, scikit-learn AP) at the picked epoch; mean ± std over seeds.
 
-Usage: ``python bench/spl_table.py [--seeds 3] [--finetune-epochs 6] [--out runs/spl]``; writes
-``results.md`` and ``results.json`` into ``--out`` and prints the table.
+Usage: ``python bench/spl_table.py [--seeds 3] [--finetune-epochs 6] [--out runs/spl] [--only ll_r,gr]``; writes
+``results.md`` and ``results.json`` into ``--out`` and prints the table. ``results.json`` is written after
+every seed and an entry already there is kept, so a stopped run continues where it was (``--fresh`` redoes all).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,10 +42,16 @@ from mlic.engine.job import TrainJob
 from mlic.engine.linear import LinearProbeConfig
 from mlic.engine.protocol import grid_search
 from mlic.engine.run import run
+from mlic.io import atomic_write_bytes
 from mlic.models.classifier import build_model
 
-METHODS = [("full labels (BCE)", "bce", True), ("AN", "an", False), ("AN-LS", "an_ls", False),
-           ("WAN", "wan", False), ("EPR", "epr", False), ("ROLE", "role", False)]
+# (row label, loss, trained on full labels, head)
+METHODS = [("full labels (BCE)", "bce", True, "linear"), ("AN", "an", False, "linear"),
+           ("AN-LS", "an_ls", False, "linear"), ("WAN", "wan", False, "linear"), ("EPR", "epr", False, "linear"),
+           ("ROLE", "role", False, "linear"), ("LL-R", "ll_r", False, "linear"), ("LL-Ct", "ll_ct", False, "linear"),
+           ("LL-Cp", "ll_cp", False, "linear"), ("LL-R + BoostLU", "ll_r", False, "boostlu"),
+           ("EM", "em", False, "linear"), ("EM + APL", "em_apl", False, "linear"), ("Hill", "hill", False, "linear"),
+           ("SPLC", "splc", False, "linear"), ("GR", "gr", False, "linear")]
 QUIET = dict(progress=False, log=lambda *a, **k: None)
 
 
@@ -70,6 +83,8 @@ def main() -> None:
     parser.add_argument("--no-finetune", action="store_true", help="linear probe only")
     parser.add_argument("--out", type=Path, default=Path("runs/spl"))
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: chosen by mlic)")
+    parser.add_argument("--only", default="", help="comma-separated losses to run (default: every method)")
+    parser.add_argument("--fresh", action="store_true", help="ignore results.json and run every entry again")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -82,29 +97,39 @@ def main() -> None:
              for s in ("train", "val", "test")}
     clean = {s: np.asarray(data[s].targets) for s in ("train", "val", "test")}
     k = float(clean["train"].sum(1).mean())
+    saved = args.out / "results.json"
     results: dict[str, dict[str, list[float]]] = {}
-    for name, loss, full in METHODS:
+    if saved.exists() and not args.fresh:
+        results = json.loads(saved.read_text())
+    only = {name for name in args.only.split(",") if name}
+    for name, loss, full, head in METHODS:
         row = results.setdefault(name, {"linear": [], "finetune": []})
+        if only and loss not in only:
+            continue
         for s in range(args.seeds):
             observed = clean["train"] if full else single_positive(clean["train"], seed=1200 + s)
             loss_args = {"expected_positives": k} if loss in ("epr", "role") else {}
-            probe = LinearProbeConfig(loss=loss, loss_args=loss_args, epochs=25, seed=s)
-            grid = grid_search(feats["train"], observed, feats["val"], clean["val"], probe, batch_sizes=(16, 64),
-                               lrs=(1e-3, 1e-2), test_x=feats["test"], test_y=clean["test"])
-            row["linear"].append(grid.best.test_map)
-            if not args.no_finetune:
+            if head == "linear" and len(row["linear"]) <= s:
+                probe = LinearProbeConfig(loss=loss, loss_args=loss_args, epochs=25, seed=s)
+                grid = grid_search(feats["train"], observed, feats["val"], clean["val"], probe, batch_sizes=(16, 64),
+                                   lrs=(1e-3, 1e-2), test_x=feats["test"], test_y=clean["test"])
+                row["linear"].append(grid.best.test_map)
+            if not args.no_finetune and len(row["finetune"]) <= s:
                 tr = data["train"].with_observed(None if full else observed)
                 cfg = TrainConfig(epochs=args.finetune_epochs, lr=2e-3, hflip=False, workers=0, seed=s, loss=loss,
                                   loss_args=loss_args, threads=args.threads)
                 splits = Splits(tr, data["val"], data["test"])
-                result = run(TrainJob(model_cfg, cfg, splits, args.out / f"ft_{loss}_{s}", pretrained=str(weights),
+                folder = args.out / f"ft_{loss}{'' if head == 'linear' else '_' + head}_{s}"
+                result = run(TrainJob(replace(model_cfg, head=head), cfg, splits, folder, pretrained=str(weights),
                                       **QUIET))
                 row["finetune"].append(result.test_metrics["mAP"])
-            print(f"{name:18s} seed {s}: linear {row['linear'][-1]:.2f}"
-                  + (f"  fine-tuned {row['finetune'][-1]:.2f}" if row["finetune"] else "")
-                  + f"  ({time.perf_counter() - t0:.0f}s)", flush=True)
+            atomic_write_bytes(saved, json.dumps(results, indent=1).encode())
+            cells = [f"{mode} {row[key][s]:.2f}" for mode, key in (("linear", "linear"), ("fine-tuned", "finetune"))
+                     if len(row[key]) > s]
+            print(f"{name:18s} seed {s}: {'  '.join(cells)}  ({time.perf_counter() - t0:.0f}s)", flush=True)
     lines = ["| method | linear probe (test mAP) | fine-tuned (test mAP) |", "|---|---|---|"]
-    for name, row in results.items():
+    for name, *_ in METHODS:
+        row = results.get(name, {"linear": [], "finetune": []})
         cells = []
         for mode in ("linear", "finetune"):
             cells.append("—" if not row[mode] else "{:.2f} ± {:.2f}".format(*mean_std(row[mode])))
@@ -113,8 +138,7 @@ def main() -> None:
     note = (f"MultiDigits (train 4000 / val 1000 / test 2000), single positive label per training image, "
             f"mean ± std over {args.seeds} seeds; {time.perf_counter() - t0:.0f}s on {torch.get_num_threads()} "
             "threads. Made by `python bench/spl_table.py`.")
-    (args.out / "results.md").write_text(table + "\n\n" + note + "\n")
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    atomic_write_bytes(args.out / "results.md", (table + "\n\n" + note + "\n").encode())
     print(table)
     print(note)
 
