@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny MultiDigits built once per session, and the path to ../shared."""
+"""Shared fixtures: a tiny MultiDigits built once per session (and packed into shards), the path to ../shared."""
 
 from __future__ import annotations
 
@@ -17,6 +17,21 @@ def tiny_digits(tmp_path_factory):
     cache = tmp_path_factory.mktemp("mlic-cache")
     spec = DigitsSpec(train=160, val=48, test=48, img_size=32, seed=3)
     return build_multidigits(cache, spec), cache, spec
+
+
+@pytest.fixture
+def digit_shards(tiny_digits):
+    """Pack the tiny MultiDigits into shards under a folder: ``digit_shards(root)`` returns ``root / "shards"``
+    (train/ val/ test/, several shards each); the prepared folder it packs is ``root / "prep"``."""
+    from mlic.data.shards import prepare_shards
+
+    def pack(root, shard_size="20KB"):
+        for name in ("train", "val", "test"):
+            tiny_digits[0][name].save(root / "prep" / name)
+        prepare_shards(root / "prep", root / "shards", shard_size, progress=False)
+        return root / "shards"
+
+    return pack
 
 
 @pytest.fixture(autouse=True)

@@ -419,11 +419,13 @@ class ShardDataset(IterableDataset):
         seed: seed of shard order and shuffle buffer.
         rank, world_size: this process's place; default torch.distributed's, else RANK / WORLD_SIZE, else (0, 1).
         decode_size: as for ImageDataset (default the transform's ``decode_size``).
+        idle_ranks: allow fewer shards than ranks (scoring, where each rank's part is gathered and a rank may
+            have none); training refuses it, as its ranks must step together.
     """
 
     def __init__(self, source: str | os.PathLike | ShardIndex, transform, targets: str = "train",
                  shuffle: bool = True, buffer: int = 1000, seed: int = 0, rank: int | None = None,
-                 world_size: int | None = None, decode_size: int | None = None) -> None:
+                 world_size: int | None = None, decode_size: int | None = None, idle_ranks: bool = False) -> None:
         if targets not in ("train", "clean"):
             raise ValueError(f"targets must be 'train' or 'clean', got {targets!r}")
         self.index = source if isinstance(source, ShardIndex) else ShardIndex.read(source)
@@ -434,7 +436,7 @@ class ShardDataset(IterableDataset):
         self.world_size = found_world if world_size is None else int(world_size)
         if not 0 <= self.rank < self.world_size:
             raise ShardError(f"rank {self.rank} is not in [0, {self.world_size}); check RANK and WORLD_SIZE")
-        if len(self.index.shards) < self.world_size:
+        if len(self.index.shards) < self.world_size and not idle_ranks:
             raise ShardError(f"{self.index.location}: {len(self.index.shards)} shards for {self.world_size} ranks; "
                              "every rank needs at least one: write smaller shards (mlic prepare shards --shard-size)")
         # shared with DataLoader workers (persistent ones too), so set_epoch in the main process reaches them

@@ -8,7 +8,7 @@ COCO's val2014 is in the papers) and validation is a share of train held out wit
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +19,16 @@ from mlic.errors import MlicError
 
 @dataclass
 class Splits:
-    """The LabelSets of one training job; ``train`` carries the observed labels it learns from."""
+    """The LabelSets of one training job; ``train`` carries the observed labels it learns from.
+
+    ``shards`` maps a split to the WebDataset shards its images stream from (:class:`mlic.data.shards.ShardIndex`);
+    a split without an entry reads its images from the LabelSet's files.
+    """
 
     train: LabelSet
     val: LabelSet
     test: LabelSet | None
+    shards: dict = field(default_factory=dict)
 
 
 def parse_digits_size(text: str | None):
@@ -42,7 +47,12 @@ def parse_digits_size(text: str | None):
 
 
 def load_prepared(data: Path) -> dict[str, LabelSet]:
-    """The LabelSets of a prepared folder (or one LabelSet folder, as {"train": ...})."""
+    """The LabelSets of a prepared folder, a shard folder (the labels packed beside the shards), or one
+    LabelSet folder (as {"train": ...})."""
+    from mlic.data.shards import is_shards, open_data
+
+    if data.is_dir() and is_shards(data):
+        return {split: index.labelset() for split, index in open_data(data).items()}
     if not data.is_dir():
         raise LabelSetError(f"{data}: no such folder; make one with 'mlic prepare' (or omit --data for MultiDigits)")
     if (data / "labelset.json").exists():
@@ -58,7 +68,8 @@ def training_splits(data: Path | None, observe: str | None = None, observe_seed:
     """The (train, val, test) LabelSets a training job uses.
 
     Args:
-        data: a prepared folder; None builds MultiDigits (``digits_size`` sets its size).
+        data: a prepared folder or a shard folder (``mlic prepare shards``: images stream from the shards);
+            None builds MultiDigits (``digits_size`` sets its size).
         observe: simulate incomplete train labels ("single-positive", "partial:P"), drawn on the whole
             training split before any hold-out, as Cole et al. do.
         observe_seed: seed of that draw.
@@ -66,7 +77,9 @@ def training_splits(data: Path | None, observe: str | None = None, observe_seed:
         echo: where to say what was chosen.
     """
     from mlic.data.observe import observe as apply_observation
+    from mlic.data.shards import is_shards, open_data
 
+    shards = {}
     if data is None:
         from mlic.data.digits import build_multidigits
 
@@ -76,11 +89,17 @@ def training_splits(data: Path | None, observe: str | None = None, observe_seed:
         train_set, val_set, test_set = built["train"], built["val"], built["test"]
     else:
         found = load_prepared(data)
+        if is_shards(data):
+            shards = open_data(data)
+            echo(f"data: streaming {', '.join(f'{s} ({len(i.shards)} shards)' for s, i in shards.items())} "
+                 f"from {data}")
         if "train" not in found:
             raise LabelSetError(f"{data}: no train/ LabelSet inside; prepare the data with 'mlic prepare'")
         train_set, val_set, test_set = found["train"], found.get("val"), found.get("test")
         if test_set is None and val_set is not None:
             test_set, val_set = val_set, None
+            if "val" in shards:
+                shards["test"] = shards.pop("val")
         for other in (val_set, test_set):
             if other is not None and other.classes != train_set.classes:
                 raise LabelSetError(f"{data}: the splits have different classes; prepare them together")
@@ -93,9 +112,12 @@ def training_splits(data: Path | None, observe: str | None = None, observe_seed:
     elif train_set.observed is not None:
         echo("labels: using the observed labels stored with the data")
     if val_set is None:
+        if shards:
+            raise LabelSetError(f"{data}: shards need their own val/ split (a hold-out would renumber the rows the "
+                                "shards carry); prepare the data with a val/ split, then 'mlic prepare shards'")
         train_set, val_set = train_set.hold_out(val_fraction, 1200)
         echo(f"data: validation = {len(val_set)} images held out of train (RandomState(1200), as Cole et al.)")
-    return Splits(train_set, val_set, test_set)
+    return Splits(train_set, val_set, test_set, shards)
 
 
 def evaluation_split(data: Path | None, split: str = "test") -> LabelSet:

@@ -3,20 +3,39 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from mlic.errors import MlicError
+
+
+class DistError(MlicError):
+    """This process cannot join the others; the message names the host and port and what to check."""
+
+
+def _place() -> tuple[int, int, int] | None:
+    """(rank, world, local rank) from torchrun's variables, else from srun's (SLURM_PROCID, SLURM_NTASKS,
+    SLURM_LOCALID, with MASTER_ADDR / MASTER_PORT set by the batch script); None for a single process."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1 and "MASTER_ADDR" in env:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return None
+
 
 def init_distributed() -> tuple[int, int, torch.device]:
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK); returns (rank, world, device).
+    """Join the process group torchrun (or srun) describes; returns (rank, world, device).
 
-    NCCL on CUDA, gloo on CPU. A plain ``python``/``mlic`` call returns (0, 1, cuda:0 or cpu).
+    NCCL on CUDA, gloo on CPU. A plain ``python``/``mlic`` call returns (0, 1, cuda:0 or cpu). Joining waits
+    ``MLIC_DIST_TIMEOUT`` seconds (default 600) for the others, then stops with a :class:`DistError`.
     """
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+    place = _place()
+    if place is None:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local = int(os.environ.get("LOCAL_RANK", 0))
+    rank, world, local = place
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
@@ -24,7 +43,16 @@ def init_distributed() -> tuple[int, int, torch.device]:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world)
+        host = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        seconds = float(os.environ.get("MLIC_DIST_TIMEOUT", 600))
+        try:
+            dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
+                                    timeout=timedelta(seconds=seconds))
+        except (RuntimeError, ValueError, TimeoutError) as e:  # DistStoreError / DistNetworkError are RuntimeErrors
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise DistError(f"rank {rank} of {world} cannot join the process group at {host} within {seconds:g}s "
+                            f"({reason}); check that every node reaches that host and port (firewall, "
+                            "--rdzv_endpoint or MASTER_ADDR / MASTER_PORT) and that all nodes were started") from None
     return rank, world, device
 
 

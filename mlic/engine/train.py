@@ -9,6 +9,7 @@ unwrapped model, an epoch order that is a function of (seed, epoch), saving on r
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import random
@@ -23,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mlic.config import TrainConfig
 from mlic.data.images import BadImageCheck, EpochOrder, ImageDataset, build_transform, make_loader, normalize
+from mlic.data.shards import ShardDataset
 from mlic.engine import dist
 from mlic.engine.checkpoint import labelset_fingerprint, load_state, save_model, save_state, settings_differences
 from mlic.engine.evaluate import autocast_dtype, evaluate_scores, predict_loader
@@ -166,16 +168,26 @@ def fit(job: TrainJob) -> RunResult:
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
     net = DistributedDataParallel(model) if world > 1 else model
 
-    train_data = ImageDataset(train_set, build_transform(model_cfg.img_size, True, cfg.augment, cfg.hflip))
-    order = EpochOrder(len(train_set), cfg.seed, rank, world)
-    drop_last = len(order) > cfg.batch_size
-    train_loader = make_loader(train_data, cfg.batch_size, workers=cfg.workers, sampler=order, drop_last=drop_last,
-                               seed=cfg.seed)
-    val_data = ImageDataset(val_set, build_transform(model_cfg.img_size, False), targets=val_set.targets)
+    train_transform = build_transform(model_cfg.img_size, True, cfg.augment, cfg.hflip)
+    eval_transform = build_transform(model_cfg.img_size, False)
+    stream = splits.shards.get("train")
+    if stream is None:
+        train_data = ImageDataset(train_set, train_transform)
+        order = EpochOrder(len(train_set), cfg.seed, rank, world)
+        train_loader = make_loader(train_data, cfg.batch_size, workers=cfg.workers, sampler=order,
+                                   drop_last=len(order) > cfg.batch_size, seed=cfg.seed)
+        epoch_steps = [max(1, len(train_loader))] * cfg.epochs
+    else:
+        train_data = ShardDataset(stream, train_transform, seed=cfg.seed, rank=rank, world_size=world)
+        train_loader = make_loader(train_data, cfg.batch_size, workers=cfg.workers, seed=cfg.seed,
+                                   drop_last=len(train_data) > cfg.batch_size)
+        epoch_steps = shard_steps(train_data, cfg.batch_size, cfg.workers, cfg.epochs, train_loader.drop_last)
+        if job.checkpoint_every is not None:
+            say("shards: checkpoints at epoch ends only (a shard stream resumes at an epoch boundary)")
+    val_data = scoring_data("val", splits, eval_transform)
 
     optimizer = torch.optim.AdamW(param_groups(model, loss_fn, cfg), lr=cfg.lr)
-    steps_per_epoch = max(1, len(train_loader))
-    scheduler = build_schedule(optimizer, cfg, cfg.epochs * steps_per_epoch)
+    scheduler = build_schedule(optimizer, cfg, sum(epoch_steps))
     amp_dtype = autocast_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
@@ -201,6 +213,10 @@ def fit(job: TrainJob) -> RunResult:
             ema.module.load_state_dict(state["ema"])
             ema.updates = int(state["ema_updates"])
         start_epoch, start_step = int(state["next_epoch"]), int(state["next_step"])
+        if start_step and stream is not None:
+            raise TrainingError(f"{state_path}: saved inside epoch {start_epoch + 1}, but a shard stream resumes "
+                                "at an epoch boundary; resume from the folder the shards were packed from, or "
+                                "train again with --overwrite")
         best_map, best_epoch = float(state["best_map"]), int(state["best_epoch"])
         history, partial = json.loads(state["history"]), json.loads(state["partial"])
         _set_rng_state(state["rng"])
@@ -226,18 +242,25 @@ def fit(job: TrainJob) -> RunResult:
         if (start_hook := _hook(loss_fn, "start_epoch")) is not None:
             start_hook(epoch)
         skip = start_step if epoch == start_epoch else 0
-        order.set_epoch(epoch, skip * cfg.batch_size)
+        steps_per_epoch = epoch_steps[epoch]
+        if stream is None:
+            order.set_epoch(epoch, skip * cfg.batch_size)
+        else:
+            train_data.set_epoch(epoch)
         net.train()
         loss_fn.train()
         if not skip:
             partial = {"total": 0.0, "seen": 0, "skipped_steps": 0, "bad": []}
         train_check = BadImageCheck("train", len(train_set), job.max_bad_images, job.strict_images)
         train_check.add(partial["bad"])
+        if stream is not None:  # images 'mlic prepare shards' could not read count as this split's unreadable ones
+            train_check.add([f"{entry['path']}: {entry['reason']}" for entry in stream.skipped])
         bad_run = 0
         bar = progress_bar(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", enabled=job.progress and main)
         bar.advance(count=skip)
         corrections = _hook(loss_fn, "apply_corrections")
-        for step, (images, _, indices, errors) in enumerate(train_loader, skip + 1):
+        batches = itertools.islice(train_loader, steps_per_epoch - skip)  # shards: every rank takes as many steps
+        for step, (images, _, indices, errors) in enumerate(batches, skip + 1):
             train_check.add(errors)
             partial["bad"] += errors
             if len(indices) == 0:
@@ -280,7 +303,7 @@ def fit(job: TrainJob) -> RunResult:
             partial["seen"] += len(indices)
             bar.advance(f"loss {partial['total'] / max(partial['seen'], 1):.4f}")
             if job.checkpoint_every is not None and time.monotonic() - last_save >= job.checkpoint_every * 60:
-                if main and step < steps_per_epoch:
+                if main and step < steps_per_epoch and stream is None:
                     save_resume_state(epoch, step)
                 last_save = time.monotonic()
         bar.close()
@@ -289,7 +312,7 @@ def fit(job: TrainJob) -> RunResult:
                                 "lower --lr or with --amp off")
         train_check.finish(partial["seen"])
         if (wants := _hook(loss_fn, "wants_predictions")) is not None and wants(epoch):
-            train_scores, _ = score_sharded(model, ImageDataset(train_set, train_data.transform), cfg.batch_size * 2,
+            train_scores, _ = score_sharded(model, scoring_data("train", splits, train_transform), cfg.batch_size * 2,
                                          cfg.workers, mean, std, device, amp_dtype, seed=cfg.seed * 7919 + epoch,
                                          description="scores of the training set" if job.progress and main else None)
             loss_fn.end_epoch(epoch, torch.from_numpy(train_scores).to(device))
@@ -336,7 +359,7 @@ def fit(job: TrainJob) -> RunResult:
         dist.barrier()  # rank 0 wrote the best model
         best, _ = load_model(out_dir, device)
         test_check = BadImageCheck("test", len(test_set), job.max_bad_images, job.strict_images)
-        test_data = ImageDataset(test_set, build_transform(model_cfg.img_size, False), targets=test_set.targets)
+        test_data = scoring_data("test", splits, eval_transform)
         test_scores, rows = score_sharded(best, test_data, cfg.batch_size * 2, cfg.workers, mean, std, device,
                                           amp_dtype, check=test_check)
         test_metrics = evaluate_scores(test_scores, test_set.targets, rows=rows)
@@ -381,21 +404,56 @@ def save_loss_state(out_dir: Path, loss_fn: nn.Module) -> None:
         atomic_write_bytes(out_dir / "loss.safetensors", save(state))
 
 
-def score_sharded(model: nn.Module, dataset: ImageDataset, batch_size: int, workers: int, mean, std,
+def shard_steps(data: ShardDataset, batch_size: int, workers: int, epochs: int, drop_last: bool) -> list[int]:
+    """Optimisation steps of each epoch from shards: the fewest batches any rank gets that epoch, so that
+    every DDP rank stops after the same step (ranks hold whole shards, so their counts differ)."""
+    steps = []
+    for epoch in range(epochs):
+        data.set_epoch(epoch)
+        counts = [data.num_batches(batch_size, workers, drop_last, rank=r) for r in range(data.world_size)]
+        if min(counts) == 0:
+            raise TrainingError(f"{data.index.location}: in epoch {epoch + 1} rank {counts.index(0)} gets no full "
+                                f"batch of {batch_size} from its shards; lower --batch-size or --workers, or write "
+                                "smaller shards (mlic prepare shards --shard-size)")
+        steps.append(min(counts))
+    data.set_epoch(0)
+    return steps
+
+
+def scoring_data(split: str, splits, transform) -> ImageDataset | ShardDataset:
+    """What :func:`score_sharded` reads for ``split``: its shards, in order, when it streams, else its files."""
+    labelset = getattr(splits, split)
+    targets = labelset.train_targets if split == "train" else labelset.targets
+    if split in splits.shards:
+        return ShardDataset(splits.shards[split], transform, targets="train" if split == "train" else "clean",
+                            shuffle=False, idle_ranks=True)
+    return ImageDataset(labelset, transform, targets=targets)
+
+
+def score_sharded(model: nn.Module, dataset: ImageDataset | ShardDataset, batch_size: int, workers: int, mean, std,
                   device: torch.device, amp_dtype: torch.dtype | None, check: BadImageCheck | None = None,
                   seed: int | None = None, description: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Scores (N, K) of a whole dataset (NaN rows for unreadable images) and the readable rows (sorted);
-    under DDP each rank scores every ``world``-th row and the parts are gathered on every rank. ``seed``
-    seeds each sample's transform."""
+    under DDP each rank scores every ``world``-th row (from shards: its own shards) and the parts are
+    gathered on every rank. ``seed`` seeds each sample's transform (files only)."""
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    rows = range(rank, len(dataset), world)
-    items = [(i, (seed * 1_000_033 + i) % 2**62) for i in rows] if seed is not None else list(rows)
-    loader = make_loader(dataset, batch_size, workers=workers, sampler=items)
-    bar = progress_bar(len(loader), description, enabled=description is not None)
+    if isinstance(dataset, ShardDataset):
+        num_rows, num_classes = dataset.index.num_rows, dataset.num_classes
+        loader = make_loader(dataset, batch_size, workers=workers)
+        if check is not None:  # images 'mlic prepare shards' could not read (every rank: the checks must agree)
+            check.add([f"{entry['path']}: {entry['reason']}" for entry in dataset.index.skipped])
+        steps = -(-len(dataset) // batch_size)
+    else:
+        num_rows, num_classes = len(dataset), dataset.labelset.num_classes
+        rows = range(rank, len(dataset), world)
+        items = [(i, (seed * 1_000_033 + i) % 2**62) for i in rows] if seed is not None else list(rows)
+        loader = make_loader(dataset, batch_size, workers=workers, sampler=items)
+        steps = len(loader)
+    bar = progress_bar(steps, description, enabled=description is not None)
     scores, idx, bad = predict_loader(model, loader, mean, std, device, amp_dtype, progress=bar.advance)
     bar.close()
-    full = np.full((len(dataset), dataset.labelset.num_classes), np.nan, dtype=np.float32)
+    full = np.full((num_rows, num_classes), np.nan, dtype=np.float32)
     readable = []
     for part_scores, part_idx, part_bad in dist.gather_objects((scores, idx, bad)):
         if len(part_idx):

@@ -25,3 +25,92 @@ def test_torchrun_two_processes(tmp_path):
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2]
     assert (out / "model.safetensors").exists()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="no torchrun")
+def test_two_nodes_from_shards_kill_one_node_then_resume(digit_shards, tmp_path):
+    """torchrun --nnodes 2 with the c10d rendezvous: two "nodes" of one process each on 127.0.0.1 (gloo) train
+    from shards; one node is killed (SIGKILL to its whole process group) inside a later epoch; both nodes are
+    started again with --resume and the run continues from the last checkpoint to the end."""
+    import signal
+    import time
+
+    import torch
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    shards = digit_shards(tmp_path)
+    out = tmp_path / "run"
+    env = dict(os.environ, MLIC_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+
+    def nodes(port, extra=()):
+        command = [torchrun, "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint",
+                   f"127.0.0.1:{port}", "--rdzv_id", f"mlic-{port}", "--max_restarts", "0", "-m", "mlic", "train",
+                   "--data", str(shards), "--img-size", "64", "--epochs", "4", "--batch-size", "8", "--workers", "0",
+                   "--threads", "1", "--out", str(out), "--quiet", *extra]
+        return [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                 start_new_session=True) for _ in range(2)]
+
+    first = nodes(free_port())
+    deadline = time.time() + 300
+    metrics = out / "metrics.jsonl"
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        time.sleep(0.02)
+    os.killpg(first[1].pid, signal.SIGKILL)  # node 2, agent and worker, as a machine that goes away
+    outputs = [p.communicate(timeout=300)[0] for p in first]
+    assert first[0].returncode != 0, outputs[0][-2000:]  # the surviving node stops instead of hanging
+    state = torch.load(out / "last.pt", weights_only=True)
+    done = int(state["next_epoch"])
+    assert 1 <= done < 4 and not (out / "test_metrics.json").exists()
+
+    second = nodes(free_port(), ["--resume"])
+    outputs = [p.communicate(timeout=600)[0] for p in second]
+    assert [p.returncode for p in second] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    text = "".join(outputs)
+    assert text.count(f"resumed from {out / 'last.pt'} after epoch {done}") == 1  # global rank 0 alone speaks
+    assert text.count("trained in") == 1
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert json.loads((out / "test_metrics.json").read_text())["mAP"] > 0
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no stray temporary files
+
+
+def test_unreachable_rendezvous_is_one_line_naming_host_and_port(monkeypatch):
+    from mlic.engine import dist
+
+    port = free_port()  # nothing listens there
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setenv("MLIC_DIST_TIMEOUT", "2")
+    with pytest.raises(dist.DistError, match=rf"rank 1 of 2 cannot join the process group at 127.0.0.1:{port} "
+                                             r"within 2s \(.*\); check that every node reaches that host and port"):
+        dist.init_distributed()
+
+
+def test_place_from_torchrun_then_srun_variables(monkeypatch):
+    from mlic.engine.dist import _place
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    assert _place() is None
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    assert _place() is None  # srun without MASTER_ADDR: not a job of ours to join
+    monkeypatch.setenv("MASTER_ADDR", "node001")
+    assert _place() == (5, 8, 1)
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert _place() == (2, 4, 0)  # torchrun inside srun: torchrun's variables win
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.delenv("RANK")
+    assert _place() is None

@@ -253,3 +253,57 @@ def test_linear_init_starts_fine_tuning_from_the_head_and_the_estimated_labels(t
     tuned = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["loss"]["estimator.logits"]
     assert (tuned - linear_loss).abs().max() < 0.05
     assert result.test_metrics is not None and (tmp_path / "run" / "test_metrics.json").exists()
+
+
+def test_trains_from_shards_reading_every_row_once_per_epoch(tiny_digits, digit_shards, tmp_path, monkeypatch):
+    from mlic.data.splits import training_splits
+    from mlic.engine.train import score_sharded, scoring_data
+
+    splits, _, _ = tiny_digits
+    shards = digit_shards(tmp_path)
+    said = []
+    streamed = training_splits(shards, echo=said.append)
+    assert sorted(streamed.shards) == ["test", "train", "val"] and "streaming train (" in said[0]
+    seen = []
+
+    class Spy(LOSSES["bce"]):
+        def forward(self, logits, targets, indices=None):
+            seen.append(indices.clone())
+            return super().forward(logits, targets, indices)
+
+    monkeypatch.setitem(LOSSES, "bce", Spy)
+    result = run(TrainJob(ModelConfig(num_classes=10, img_size=32), quick(epochs=2), streamed, tmp_path / "run",
+                          progress=False, log=lambda *a, **k: None))
+    rows = torch.cat(seen).tolist()
+    assert len(rows) == 2 * 160 and sorted(rows[:160]) == list(range(160)) == sorted(rows[160:])
+    assert rows[:160] != rows[160:]  # each epoch its own shuffle
+    assert result.test_metrics["mAP"] > 20 and len(result.history) == 2
+    # validation from shards scores exactly what validation from the files scores
+    model, _ = load_model(tmp_path / "run")
+    from mlic.data.images import build_transform
+
+    transform = build_transform(32, False)
+    files = Splits(splits["train"], splits["val"], splits["test"])
+    args = (16, 0, model.config.mean, model.config.std, torch.device("cpu"), None)
+    from_shards, rows_s = score_sharded(model, scoring_data("val", streamed, transform), *args)
+    from_files, rows_f = score_sharded(model, scoring_data("val", files, transform), *args)
+    np.testing.assert_array_equal(rows_s, rows_f)
+    np.testing.assert_array_equal(from_shards, from_files)
+    assert result.best_val_map == pytest.approx(evaluate_scores(from_files, splits["val"].targets)["mAP"], abs=1e-4)
+
+
+def test_shards_refuse_what_they_cannot_do(digit_shards, tmp_path):
+    import shutil
+
+    from mlic.data.labelset import LabelSetError
+    from mlic.data.splits import training_splits
+
+    shards = digit_shards(tmp_path)
+    streamed = training_splits(shards, echo=lambda *a: None)
+    with pytest.raises(TrainingError, match="gets no full batch of 150 from its shards; lower --batch-size"):
+        run(TrainJob(ModelConfig(num_classes=10, img_size=32), quick(batch_size=150, workers=2), streamed,
+                     tmp_path / "big", progress=False, log=lambda *a, **k: None))
+    shutil.rmtree(shards / "val")
+    shutil.rmtree(shards / "test")
+    with pytest.raises(LabelSetError, match="shards need their own val/ split"):
+        training_splits(shards, echo=lambda *a: None)
