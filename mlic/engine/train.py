@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from mlic.config import TrainConfig
+from mlic.data.gpu_decode import check_decode_device, collate_encoded, decode_batch, read_encoded
 from mlic.data.images import BadImageCheck, EpochOrder, ImageDataset, build_transform, make_loader, normalize
 from mlic.engine import dist
 from mlic.engine.checkpoint import labelset_fingerprint, load_state, save_model, save_state, settings_differences
@@ -171,6 +172,9 @@ def fit(job: TrainJob) -> RunResult:
     drop_last = len(order) > cfg.batch_size
     train_loader = make_loader(train_data, cfg.batch_size, workers=cfg.workers, sampler=order, drop_last=drop_last,
                                seed=cfg.seed)
+    if cfg.decode_device != "cpu":  # --decode-device: the workers hand JPEGs on undecoded; batches decode below
+        check_decode_device(cfg.decode_device, device)
+        train_data.read, train_loader.collate_fn = read_encoded, collate_encoded
     val_data = ImageDataset(val_set, build_transform(model_cfg.img_size, False), targets=val_set.targets)
 
     optimizer = torch.optim.AdamW(param_groups(model, loss_fn, cfg), lr=cfg.lr)
@@ -238,6 +242,10 @@ def fit(job: TrainJob) -> RunResult:
         bar.advance(count=skip)
         corrections = _hook(loss_fn, "apply_corrections")
         for step, (images, _, indices, errors) in enumerate(train_loader, skip + 1):
+            if cfg.decode_device != "cpu":  # JPEG bytes -> the augmented uint8 batch, on the device
+                seeds = [order.sample_seed(row) for row in indices.tolist()]
+                images, indices, more = decode_batch(images, indices, train_data.transform, device, seeds)
+                errors = errors + more
             train_check.add(errors)
             partial["bad"] += errors
             if len(indices) == 0:
