@@ -185,6 +185,8 @@ def train(
                                                              "(repeatable), e.g. conv1.")] = None,
     workers: Annotated[int | None, typer.Option(help="Data-loading worker processes (default: chosen from the "
                                                      "core count, and printed).")] = None,
+    decode_device: Annotated[str | None, typer.Option(help="Where training JPEGs are decoded and augmented: cpu (the "
+                                                           "workers, default) or cuda (nvjpeg, batched).")] = None,
     seed: Annotated[int | None, typer.Option(help=f"Seed of initialisation and data order (default {T.seed}).")]
         = None,
     val_fraction: Annotated[float, typer.Option(help="Share of train held out for validation when the data "
@@ -234,7 +236,7 @@ def train(
     if mode == "linear":
         ignored = {"--weight-decay": weight_decay, "--ema": ema, "--amp": amp, "--augment": augment,
                    "--hflip/--no-hflip": hflip, "--freeze": freeze, "--resume": resume or None,
-                   "--init-from": init_from, "--checkpoint-every": checkpoint_every}
+                   "--init-from": init_from, "--checkpoint-every": checkpoint_every, "--decode-device": decode_device}
         given = [name for name, value in ignored.items() if value is not None]
         if given:
             raise MlicError(f"{', '.join(given)}: not used by --mode linear (a head trained on cached features); "
@@ -249,7 +251,7 @@ def train(
     model_args.setdefault("head_args", {}).update(parse_kv(head_arg, "--head-arg"))
     cli_train = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "ema": ema,
                  "amp": amp, "augment": augment, "hflip": hflip, "freeze": freeze, "workers": workers,
-                 "threads": threads, "seed": seed, "loss": loss}
+                 "threads": threads, "seed": seed, "loss": loss, "decode_device": decode_device}
     if mode == "linear":  # --epochs, --batch-size, --lr set the probe
         linear_args.update({k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr}.items()
                             if v is not None})
@@ -261,6 +263,10 @@ def train(
         train_args.setdefault("epochs", 15)
         train_args.setdefault("lr", 4e-3)
     cfg = TrainConfig.from_dict(train_args)  # impossible settings are refused here, before any work
+    if mode != "linear":
+        from mlic.data.gpu_decode import check_decode_device
+
+        check_decode_device(cfg.decode_device)  # before the run folder is claimed
     ModelConfig.from_dict({**model_args, "num_classes": 1})
     if linear_args:
         from mlic.engine.linear import LinearProbeConfig

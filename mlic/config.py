@@ -17,6 +17,7 @@ IMG_SIZES = (16, 4096)
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 AUGMENTS = ("none", "flip", "light", "randaugment")
 SCHEDULES = ("onecycle", "constant")
+DECODE_DEVICES = ("cpu", "cuda")
 
 
 def check_fields(cls: type, d: dict, what: str) -> dict:
@@ -112,6 +113,9 @@ class TrainConfig:
     """Learning-rate multiplier of ROLE's label estimator."""
     channels_last: bool = True
     """Use channels-last memory format (faster convolutions on many CPUs and GPUs)."""
+    decode_device: str = "cpu"
+    """Where training JPEGs are decoded and augmented: "cpu" (the loader workers) or "cuda" (nvjpeg, batched;
+    the workers only read bytes; other formats stay on the workers). See mlic.data.gpu_decode."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, option: str, rule: str) -> None:
@@ -136,6 +140,7 @@ class TrainConfig:
              "must be 1 or more")
         need(isinstance(self.seed, int) and self.seed >= 0, "seed", "must be a whole number, 0 or more")
         need(self.augment in AUGMENTS, "augment", f"choose one of {', '.join(AUGMENTS)}")
+        need(self.decode_device in DECODE_DEVICES, "decode_device", f"choose one of {', '.join(DECODE_DEVICES)}")
         need(number(self.estimator_lr_mult) and self.estimator_lr_mult > 0, "estimator_lr_mult", "must be positive")
 
     def to_dict(self) -> dict:

@@ -236,14 +236,17 @@ class ImageDataset(Dataset):
         targets: (N, K) labels to return; default ``labelset.train_targets``.
         decode_size: reduced-scale JPEG decoding down to this size; default the transform's
             ``decode_size`` (set by :func:`build_transform`), else full-size decoding.
+        read: file -> image, with :func:`read_image`'s arguments; :func:`mlic.data.gpu_decode.read_encoded`
+            leaves JPEGs for the training device to decode.
     """
 
     def __init__(self, labelset: LabelSet, transform, targets: np.ndarray | None = None,
-                 decode_size: int | None = None) -> None:
+                 decode_size: int | None = None, read=None) -> None:
         self.labelset = labelset
         self.transform = transform
         self.targets = labelset.train_targets if targets is None else targets
         self.decode_size = decode_size
+        self.read = read or read_image
 
     def __len__(self) -> int:
         return len(self.labelset)
@@ -253,11 +256,11 @@ class ImageDataset(Dataset):
         target = torch.from_numpy(np.array(self.targets[i], dtype=np.int8))
         try:
             if seed is None:
-                img = read_image(self.labelset.path(i), self.transform, self.decode_size)
+                img = self.read(self.labelset.path(i), self.transform, self.decode_size)
             else:  # the augmentation draws of this sample depend on its seed only, not on worker or order
                 with torch.random.fork_rng(devices=[]):
                     torch.default_generator.manual_seed(seed)  # not torch.manual_seed: it queues CUDA seeding
-                    img = read_image(self.labelset.path(i), self.transform, self.decode_size)
+                    img = self.read(self.labelset.path(i), self.transform, self.decode_size)
         except ImageError as e:
             return None, target, i, str(e)
         return img, target, i, None
@@ -302,7 +305,11 @@ class EpochOrder(torch.utils.data.Sampler):
     def __iter__(self):
         rows = self.rows().tolist()
         for position in range(self.start, len(rows)):
-            yield rows[position], sample_seed(self.seed, self.epoch, rows[position])
+            yield rows[position], self.sample_seed(rows[position])
+
+    def sample_seed(self, row: int) -> int:
+        """The seed this epoch's order hands :class:`ImageDataset` with ``row``."""
+        return sample_seed(self.seed, self.epoch, row)
 
     def __len__(self) -> int:
         return math.ceil(self.num_rows / self.world) - self.start
@@ -404,8 +411,8 @@ def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, workers: int = 0, sampler=None,
-                drop_last: bool = False, seed: int = 0, prefetch_factor: int = 4) -> DataLoader:
-    """A DataLoader with mlic's collate, pinned memory on CUDA and persistent workers.
+                drop_last: bool = False, seed: int = 0, prefetch_factor: int = 4, collate_fn=collate) -> DataLoader:
+    """A DataLoader with mlic's collate (or ``collate_fn``), pinned memory on CUDA and persistent workers.
 
     Each worker decodes with one torch thread (the DataLoader's default); ``prefetch_factor`` batches
     per worker are kept in flight.
@@ -413,6 +420,6 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, worker
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-        num_workers=workers, collate_fn=collate, pin_memory=torch.cuda.is_available(), drop_last=drop_last,
+        num_workers=workers, collate_fn=collate_fn, pin_memory=torch.cuda.is_available(), drop_last=drop_last,
         persistent_workers=workers > 0, generator=generator, prefetch_factor=prefetch_factor if workers else None,
     )

@@ -421,16 +421,19 @@ class ShardDataset(IterableDataset):
         decode_size: as for ImageDataset (default the transform's ``decode_size``).
         idle_ranks: allow fewer shards than ranks (scoring, where each rank's part is gathered and a rank may
             have none); training refuses it, as its ranks must step together.
+        read: as for ImageDataset (default :func:`mlic.data.images.read_image`).
     """
 
     def __init__(self, source: str | os.PathLike | ShardIndex, transform, targets: str = "train",
                  shuffle: bool = True, buffer: int = 1000, seed: int = 0, rank: int | None = None,
-                 world_size: int | None = None, decode_size: int | None = None, idle_ranks: bool = False) -> None:
+                 world_size: int | None = None, decode_size: int | None = None, idle_ranks: bool = False,
+                 read=None) -> None:
         if targets not in ("train", "clean"):
             raise ValueError(f"targets must be 'train' or 'clean', got {targets!r}")
         self.index = source if isinstance(source, ShardIndex) else ShardIndex.read(source)
         self.transform, self.targets, self.shuffle = transform, targets, shuffle
         self.buffer, self.seed, self.decode_size = max(1, int(buffer)), int(seed), decode_size
+        self.read = read or read_image
         found_rank, found_world = _distributed()
         self.rank = found_rank if rank is None else int(rank)
         self.world_size = found_world if world_size is None else int(world_size)
@@ -494,13 +497,13 @@ class ShardDataset(IterableDataset):
             target = torch.from_numpy(decode_row(entry[key], k))
             try:
                 if not self.shuffle:
-                    image = read_image(name, self.transform, self.decode_size, data=data)
+                    image = self.read(name, self.transform, self.decode_size, data=data)
                 else:  # augmentation draws depend on (seed, epoch, row) alone: not on rank, worker or buffer order
                     with torch.random.fork_rng(devices=[]):
                         # the CPU generator only: torch.manual_seed also queues a lazy CUDA seeding that formats
                         # the call stack each time (~0.5 ms a sample, measured); the draws are the same
                         torch.default_generator.manual_seed(self.sample_seed(row))
-                        image = read_image(name, self.transform, self.decode_size, data=data)
+                        image = self.read(name, self.transform, self.decode_size, data=data)
             except ImageError as e:
                 yield None, target, row, str(e)
                 continue

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from mlic.config import TrainConfig
+from mlic.data.gpu_decode import check_decode_device, collate_encoded, decode_batch, read_encoded
 from mlic.data.images import BadImageCheck, EpochOrder, ImageDataset, build_transform, make_loader, normalize
 from mlic.data.shards import ShardDataset
 from mlic.engine import dist
@@ -184,6 +185,9 @@ def fit(job: TrainJob) -> RunResult:
         epoch_steps = shard_steps(train_data, cfg.batch_size, cfg.workers, cfg.epochs, train_loader.drop_last)
         if job.checkpoint_every is not None:
             say("shards: checkpoints at epoch ends only (a shard stream resumes at an epoch boundary)")
+    if cfg.decode_device != "cpu":  # --decode-device: the workers hand JPEGs on undecoded; batches decode below
+        check_decode_device(cfg.decode_device, device)
+        train_data.read, train_loader.collate_fn = read_encoded, collate_encoded
     val_data = scoring_data("val", splits, eval_transform)
 
     optimizer = torch.optim.AdamW(param_groups(model, loss_fn, cfg), lr=cfg.lr)
@@ -261,6 +265,10 @@ def fit(job: TrainJob) -> RunResult:
         corrections = _hook(loss_fn, "apply_corrections")
         batches = itertools.islice(train_loader, steps_per_epoch - skip)  # shards: every rank takes as many steps
         for step, (images, _, indices, errors) in enumerate(batches, skip + 1):
+            if cfg.decode_device != "cpu":  # JPEG bytes -> the augmented uint8 batch, on the device
+                seeds = [(order if stream is None else train_data).sample_seed(row) for row in indices.tolist()]
+                images, indices, more = decode_batch(images, indices, train_data.transform, device, seeds)
+                errors = errors + more
             train_check.add(errors)
             partial["bad"] += errors
             if len(indices) == 0:
