@@ -81,9 +81,10 @@ class DivergedError(MlicError):
     """A model produced scores that are not finite."""
 
 
-def _nonfinite_rows(scores: np.ndarray, rows: np.ndarray | None, chunk_rows: int = 4096) -> int:
-    """Rows (of ``rows``, default all) holding a non-finite score, read ``chunk_rows`` rows at a time."""
+def _nonfinite_rows(scores: np.ndarray, rows: np.ndarray | None, chunk_cells: int = 1 << 22) -> int:
+    """Rows (of ``rows``, default all) holding a non-finite score, read ``chunk_cells`` scores at a time."""
     rows = np.arange(len(scores)) if rows is None else np.asarray(rows)
+    chunk_rows = max(1, chunk_cells // max(scores.shape[1], 1))
     return sum(int((~np.isfinite(scores[rows[i:i + chunk_rows]])).any(axis=1).sum())
                for i in range(0, rows.size, chunk_rows))
 
