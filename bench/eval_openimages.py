@@ -1,14 +1,16 @@
-"""Time and memory of the known-entries mAP (OpenImages protocol) at OpenImages test size.
+"""Time and memory of the known-entries mAP and metrics table (OpenImages protocol) at OpenImages test size.
 
 Synthetic problem: ``--images`` x ``--classes`` float32 scores (default 125,436 x 9,605, the size
 of OpenImages' test split and ML-Decoder's trainable classes) held in memory, sparse targets with
 ``--known`` verified labels per image (distinct classes, 30% positive), positives scoring higher
-on average. It times :func:`mlic.metrics.known_mean_average_precision` and reports
+on average. It times :func:`mlic.metrics.known_mean_average_precision`, then the whole table
+:func:`mlic.metrics.known_metrics_table` without and with the top-3 metrics (these read every score, row
+chunk by row chunk), and reports
 
 * the extra memory the metric allocates beyond its inputs (``tracemalloc`` peak; NumPy reports
   its allocations to it), and the peak RSS of the whole process (inputs included);
 * a check of 20 random classes against ``sklearn.metrics.average_precision_score`` on their known
-  entries.
+  entries; with ``--compare-dense``, the dense ``metrics_table`` on the densified targets (small sizes only).
 
     python bench/eval_openimages.py --images 125436 --classes 9605
 """
@@ -25,7 +27,13 @@ import numpy as np
 from sklearn.metrics import average_precision_score
 
 from mlic.data.labelset import SparseTargets
-from mlic.metrics import known_average_precision, known_mean_average_precision, mean_average_precision
+from mlic.metrics import (
+    known_average_precision,
+    known_mean_average_precision,
+    known_metrics_table,
+    mean_average_precision,
+    metrics_table,
+)
 
 
 def problem(images: int, classes: int, known: int, seed: int = 0) -> tuple[np.ndarray, SparseTargets]:
@@ -71,6 +79,32 @@ def main() -> None:
     print(f"time {seconds:.1f} s; metric's own peak allocation {extra / 2**20:.0f} MiB; "
           f"process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (inputs included)")
 
+    tables = {}
+    for top3 in (False, True):
+        tracemalloc.start()
+        t = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tables[top3] = known_metrics_table(scores, targets, top3=top3, chunk_entries=args.chunk_entries)
+        seconds = time.perf_counter() - t
+        _, extra = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        table = tables[top3]
+        shown = "  ".join(f"{key} {table[key]:.2f}" for key in ("mAP", "mAP_voc", "CF1", "OF1", "CF1_top3", "OF1_top3")
+                          if key in table)
+        print(f"known_metrics_table{' with top-3' if top3 else ' (no top-3)'}: time {seconds:.1f} s; own peak "
+              f"allocation {extra / 2**20:.0f} MiB; {shown}; averaged over {table['mAP_classes']} classes")
+    assert tables[True]["mAP"] == value
+    from mlic.engine.evaluate import evaluate_scores
+
+    rows = np.arange(1, args.images)  # as after one unreadable image: every row but the first
+    t = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        evaluate_scores(scores, targets, rows=rows)
+    print(f"evaluate_scores (what mlic eval and the trainer run: finiteness check of the rows, then the table "
+          f"with top-3) on {rows.size:,} rows: {time.perf_counter() - t:.1f} s")
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ap = known_average_precision(scores, targets)
@@ -96,6 +130,12 @@ def main() -> None:
         tracemalloc.stop()
         print(f"mean_average_precision on the dense targets: {reference:.2f}, {seconds:.1f} s, "
               f"own peak allocation {extra / 2**20:.0f} MiB (equal: {abs(reference - value) < 1e-9})")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dense_table = metrics_table(scores, dense, empty="exclude")
+        differences = [abs(dense_table[key] - tables[True][key]) for key in dense_table if key != "per_class_ap"]
+        print(f"metrics_table on the dense targets: largest difference from known_metrics_table "
+              f"{max(differences):.1e} over {len(differences)} figures")
 
 
 if __name__ == "__main__":

@@ -322,7 +322,11 @@ def evaluate(
     max_bad_images: Annotated[str, typer.Option(help="Unreadable images tolerated before the evaluation stops: "
                                                      "a share (1%, 0.01) or a count (25).")] = "1%",
 ) -> None:
-    """Evaluate a saved model: mAP (sklearn-style and VOC-interpolated), CP/CR/CF1/OP/OR/OF1, per-class AP."""
+    """Evaluate a saved model: mAP (sklearn-style and VOC-interpolated), CP/CR/CF1/OP/OR/OF1, per-class AP.
+
+    Sparse (partial) labels are scored over their known entries only; the mAP averages the classes with a
+    known positive.
+    """
     from mlic.data.images import BadImageCheck, parse_bad_limit
     from mlic.data.labelset import LabelSetError
     from mlic.data.splits import evaluation_split
@@ -343,8 +347,11 @@ def evaluate(
         typer.echo(f"skipped {len(bad)} unreadable images, e.g. {bad[0]}")
     metrics = evaluate_scores(scores, labelset.targets, rows=rows)
     metrics["unreadable_images"] = len(bad)
-    print_metrics(metrics, labelset.classes, f"{checkpoint} on {len(rows)} images"
-                  + (f" ({len(bad)} unreadable skipped)" if bad else ""))
+    title = f"{checkpoint} on {len(rows)} images" + (f" ({len(bad)} unreadable skipped)" if bad else "")
+    if labelset.sparse:
+        title += (f"\nknown entries only ({labelset.targets.nnz:,} labels): mAP over the {metrics['mAP_classes']} of "
+                  f"{labelset.num_classes} classes with a known positive (the others: nan)")
+    print_metrics(metrics, labelset.classes, title)
     if json_out:
         from mlic.io import atomic_write_bytes
 

@@ -73,6 +73,36 @@ def test_eval_checkpoint(trained):
     assert f"{reported['mAP']:.2f}" in result.output
 
 
+def test_eval_sparse_partial_labels_over_known_entries(trained, tmp_path):
+    import warnings
+
+    from mlic.data.labelset import LabelSet
+    from mlic.metrics import metrics_table
+
+    out, _ = trained
+    test = LabelSet.load(next(out.parent.parent.glob("cache*/multidigits-*")) / "test")
+    partial = np.asarray(test.targets).copy()
+    partial[np.random.default_rng(0).random(partial.shape) < 0.6] = -1  # 40 % of the labels verified
+    partial[:, 9] = np.where(partial[:, 9] == 1, -1, partial[:, 9])  # class 9: no known positive
+    LabelSet(test.classes, test.image_paths, partial, root=test.root, split="test").save(tmp_path / "partial",
+                                                                                       storage="sparse")
+    assert LabelSet.load(tmp_path / "partial").sparse
+    result = run("eval", "--checkpoint", out, "--data", tmp_path / "partial", "--workers", "0",
+                 "--json", tmp_path / "eval.json")
+    assert result.exit_code == 0, result.output
+    assert "known entries only" in result.output and "mAP over the 9 of 10 classes with a known positive" in \
+        result.output
+    evaluated = json.loads((tmp_path / "eval.json").read_text())
+    assert evaluated["mAP_classes"] == 9 and np.isnan(evaluated["per_class_ap"]["9"])
+    # the saved test scores of the run, scored densely over the known entries, give the same figures
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        expected = metrics_table(np.load(out / "test_scores.npy"), partial, empty="exclude")
+    for key in ("mAP", "mAP_voc", "CF1", "OF1", "CF1_top3"):
+        assert evaluated[key] == pytest.approx(expected[key], abs=1e-4), key
+    assert f"{expected['mAP']:.2f}" in result.output
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save
 
 from mlic import __version__
 from mlic.config import ModelConfig
-from mlic.data.labelset import LabelSet
+from mlic.data.labelset import LabelSet, SparseTargets
 from mlic.errors import MlicError
 from mlic.io import UnsafeFileError, atomic_write_bytes, check_writable, load_torch_weights
 from mlic.models.weights import check_state_dict
@@ -162,7 +162,9 @@ def labelset_fingerprint(labelset: LabelSet) -> str:
 
     h = hashlib.sha1()
     h.update(json.dumps([labelset.classes, labelset.image_paths]).encode())
-    h.update(np.ascontiguousarray(labelset.train_targets).tobytes())
+    targets = labelset.train_targets
+    for part in (targets.indptr, targets.indices, targets.values) if isinstance(targets, SparseTargets) else (targets,):
+        h.update(np.ascontiguousarray(part).tobytes())  # sparse: its CSR parts, never the dense matrix
     return h.hexdigest()[:16]
 
 

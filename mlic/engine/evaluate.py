@@ -9,9 +9,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from mlic.data.images import BadImageCheck, ImageDataset, build_transform, make_loader, normalize
-from mlic.data.labelset import LabelSet
+from mlic.data.labelset import LabelSet, SparseTargets
 from mlic.errors import MlicError
-from mlic.metrics import metrics_table
+from mlic.metrics import best_thresholds, known_best_thresholds, known_metrics_table, metrics_table
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -81,17 +81,48 @@ class DivergedError(MlicError):
     """A model produced scores that are not finite."""
 
 
-def evaluate_scores(scores: np.ndarray, targets: np.ndarray, threshold=0.5, rows: np.ndarray | None = None) -> dict:
+def _nonfinite_rows(scores: np.ndarray, rows: np.ndarray | None, chunk_cells: int = 1 << 22) -> int:
+    """Rows (of ``rows``, default all) holding a non-finite score, read ``chunk_cells`` scores at a time."""
+    rows = np.arange(len(scores)) if rows is None else np.asarray(rows)
+    chunk_rows = max(1, chunk_cells // max(scores.shape[1], 1))
+    return sum(int((~np.isfinite(scores[rows[i:i + chunk_rows]])).any(axis=1).sum())
+               for i in range(0, rows.size, chunk_rows))
+
+
+def _diverged(bad: int, total: int) -> DivergedError:
+    return DivergedError(f"the model's scores are not finite for {bad} of {total} images: training "
+                         "diverged; train again with a lower --lr or with --amp off")
+
+
+def evaluate_scores(scores: np.ndarray, targets: np.ndarray | SparseTargets, threshold=0.5,
+                    rows: np.ndarray | None = None) -> dict:
     """The metrics table of ``scores`` (N, K) against ``targets`` (N, K), over ``rows`` only when given.
 
     Pass the readable rows of :func:`score_labelset`; a non-finite score among them means the model
-    diverged, which is an error, not a row to drop.
+    diverged, which is an error, not a row to drop. Sparse targets (:class:`SparseTargets`) are never
+    densified: the table is :func:`mlic.metrics.known_metrics_table`, over the known entries only, with
+    classes without a known positive left out of the mAP (``"mAP_classes"`` says how many were averaged).
     """
+    if isinstance(targets, SparseTargets):
+        if rows is not None:
+            rows = np.unique(rows)
+        bad = _nonfinite_rows(scores, rows)
+        if bad:
+            raise _diverged(bad, len(scores) if rows is None else rows.size)
+        return known_metrics_table(scores, targets, threshold=threshold, rows=rows)
     targets = np.asarray(targets)
     if rows is not None:
         scores, targets = scores[rows], targets[rows]
     if not np.isfinite(scores).all():
-        bad = int((~np.isfinite(scores)).any(axis=1).sum())
-        raise DivergedError(f"the model's scores are not finite for {bad} of {len(scores)} images: training "
-                            "diverged; train again with a lower --lr or with --amp off")
+        raise _diverged(int((~np.isfinite(scores)).any(axis=1).sum()), len(scores))
     return metrics_table(scores, targets, threshold=threshold)
+
+
+def fit_thresholds(scores: np.ndarray, targets: np.ndarray | SparseTargets,
+                   rows: np.ndarray | None = None) -> np.ndarray:
+    """Per-class F1-best thresholds (K,) on ``rows`` (default all); sparse targets over their known entries only."""
+    if isinstance(targets, SparseTargets):
+        return known_best_thresholds(scores, targets, rows=rows)
+    if rows is None:
+        return best_thresholds(scores, np.asarray(targets))
+    return best_thresholds(scores[rows], np.asarray(targets)[rows])

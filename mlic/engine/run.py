@@ -96,6 +96,7 @@ def finish(job: TrainJob, result: RunResult) -> None:
     metrics = {k: v for k, v in result.test_metrics.items() if k != "per_class_ap"}
     metrics["per_class_ap"] = dict(zip(classes, map(float, result.test_metrics["per_class_ap"])))
     atomic_write_bytes(out / "test_metrics.json", json.dumps(metrics, indent=1).encode())
+    targets = None if test.sparse else np.asarray(test.targets)  # PR curves need dense targets; sparse: none drawn
     write_report(out, f"mlic run {out.name}", result.test_metrics, classes, result.history, result.test_scores,
-                 np.asarray(test.targets), notes=[f"model: {job.model.backbone} + {job.model.head}; loss "
-                                                  f"{job.train.loss}; mode {job.mode}; best epoch {result.best_epoch}"])
+                 targets, notes=[f"model: {job.model.backbone} + {job.model.head}; loss "
+                                 f"{job.train.loss}; mode {job.mode}; best epoch {result.best_epoch}"])

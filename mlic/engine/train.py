@@ -28,13 +28,12 @@ from mlic.data.images import BadImageCheck, EpochOrder, ImageDataset, build_tran
 from mlic.data.shards import ShardDataset
 from mlic.engine import dist
 from mlic.engine.checkpoint import labelset_fingerprint, load_state, save_model, save_state, settings_differences
-from mlic.engine.evaluate import autocast_dtype, evaluate_scores, predict_loader
+from mlic.engine.evaluate import autocast_dtype, evaluate_scores, fit_thresholds, predict_loader
 from mlic.engine.job import RunResult, TrainJob
 from mlic.engine.run import choose_threads
 from mlic.errors import MlicError
 from mlic.io import atomic_write_bytes
 from mlic.losses import build_loss_for_data
-from mlic.metrics import best_thresholds
 from mlic.models.classifier import build_model
 
 
@@ -331,7 +330,7 @@ def fit(job: TrainJob) -> RunResult:
         scores, rows = score_sharded(eval_model, val_data, cfg.batch_size * 2, cfg.workers, mean, std, device,
                                      amp_dtype, check=val_check)
         try:
-            val = evaluate_scores(scores, np.asarray(val_set.targets), rows=rows)
+            val = evaluate_scores(scores, val_set.targets, rows=rows)
         except ValueError as e:
             raise TrainingError(f"after epoch {epoch + 1}: {e}") from None
         record = {"epoch": epoch + 1, "train_loss": partial["total"] / max(partial["seen"], 1), "val_mAP": val["mAP"],
@@ -346,7 +345,7 @@ def fit(job: TrainJob) -> RunResult:
         if main:
             if improved:
                 save_model(out_dir, eval_model, model_cfg, train_set.classes,
-                           thresholds=best_thresholds(scores[rows], np.asarray(val_set.targets)[rows]),
+                           thresholds=fit_thresholds(scores, val_set.targets, rows),
                            extra={"train": cfg.to_dict(), "epoch": epoch + 1, "val_metrics": scalars(val)})
                 save_loss_state(out_dir, loss_fn)
             atomic_write_bytes(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history).encode())

@@ -52,6 +52,44 @@ def test_trains_checkpoints_and_evaluates(tiny_digits, tmp_path):
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
 
 
+def test_sparse_partial_val_and_test_are_scored_over_known_entries(tiny_digits, tmp_path):
+    from mlic.data.labelset import LabelSet, SparseTargets
+    from mlic.engine.evaluate import fit_thresholds
+
+    class Refusing(SparseTargets):  # row reads (targets[i]) and columns only: densifying fails the test
+        def __array__(self, dtype=None, copy=None):
+            raise AssertionError("densified")
+
+        def rows(self, rows):
+            raise AssertionError("densified rows")
+
+    def partial(labelset, seed):
+        dense = np.asarray(labelset.targets).copy()
+        dense[np.random.default_rng(seed).random(dense.shape) < 0.5] = -1
+        dense[:, 9] = np.where(dense[:, 9] == 1, -1, dense[:, 9])  # class 9: no known positive
+        sparse = SparseTargets.from_dense(dense)
+        return LabelSet(labelset.classes, labelset.image_paths, Refusing(sparse.indptr, sparse.indices,
+                                                                         sparse.values, 10), labelset.root)
+
+    splits, _, _ = tiny_digits
+    val, test = partial(splits["val"], 0), partial(splits["test"], 1)
+    result = run(job({"train": splits["train"], "val": val}, tmp_path / "run", quick(epochs=1), test=test))
+    assert np.isfinite(result.best_val_map) and result.test_metrics["mAP_classes"] == 9
+    assert np.isnan(result.test_metrics["per_class_ap"][9])
+    model, meta = load_model(tmp_path / "run")
+    scored = {}
+    for name, labelset, reported in (("val", val, result.best_val_map), ("test", test, result.test_metrics["mAP"])):
+        scores, rows, _ = score_labelset(model, labelset, 32, model.config.mean, model.config.std,
+                                         torch.device("cpu"))
+        assert evaluate_scores(scores, labelset.targets, rows=rows)["mAP"] == pytest.approx(reported, abs=1e-4)
+        scored[name] = scores, rows
+    # the thresholds saved with the model are tuned on the known entries of the validation set
+    scores, rows = scored["val"]
+    thresholds = fit_thresholds(scores, val.targets, rows)
+    assert thresholds[9] == 0.5 and (thresholds[:9] != 0.5).all()
+    np.testing.assert_allclose(meta["thresholds"], thresholds, atol=1e-4)
+
+
 def test_partial_labels_reach_the_loss_by_dataset_row(tiny_digits, tmp_path, monkeypatch):
     from mlic.data.observe import single_positive
 
