@@ -164,7 +164,7 @@ def fit(job: TrainJob) -> RunResult:
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     loss_fn = loss_fn.to(device)
-    labels = torch.from_numpy(np.array(train_set.train_targets, dtype=np.int8))  # what training reads; may change
+    labels = training_labels(train_set.train_targets, loss_fn)  # what training reads; corrections may change it
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
     net = DistributedDataParallel(model) if world > 1 else model
 
@@ -211,7 +211,8 @@ def fit(job: TrainJob) -> RunResult:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        labels.copy_(state["labels"])
+        if isinstance(labels, torch.Tensor):
+            labels.copy_(state["labels"])
         if ema is not None:
             ema.module.load_state_dict(state["ema"])
             ema.updates = int(state["ema_updates"])
@@ -231,7 +232,8 @@ def fit(job: TrainJob) -> RunResult:
     def save_resume_state(next_epoch: int, next_step: int) -> None:
         save_state(state_path, {
             "model": model.state_dict(), "loss": loss_fn.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "labels": labels,
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "labels": labels if isinstance(labels, torch.Tensor) else None,  # sparse labels never change
             "ema": ema.module.state_dict() if ema is not None else None,
             "ema_updates": ema.updates if ema is not None else 0, "next_epoch": next_epoch, "next_step": next_step,
             "best_map": best_map, "best_epoch": best_epoch, "history": json.dumps(history),
@@ -274,7 +276,7 @@ def fit(job: TrainJob) -> RunResult:
                 bar.advance()
                 continue
             x = normalize(images.to(device, non_blocking=True), mean, std).contiguous(memory_format=memory_format)
-            targets = labels[indices].to(device, non_blocking=True)
+            targets = batch_rows(labels, indices).to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 logits = net(x)
             loss = loss_fn(logits.float(), targets, indices.to(device))
@@ -377,6 +379,26 @@ def fit(job: TrainJob) -> RunResult:
     return RunResult(out_dir, best_epoch, best_map, test_metrics if main else None, history,
                      history[-1]["bad_images"] if history else 0, test_scores if main else None,
                      time.perf_counter() - t_start)
+
+
+def training_labels(targets, loss_fn: nn.Module):
+    """The (N, K) labels training reads by row: an int8 tensor (a loss's corrections write into it), or the
+    sparse targets themselves when the data stores them sparsely (each batch materialises its own rows)."""
+    if not hasattr(targets, "by_class"):
+        return torch.from_numpy(np.array(targets, dtype=np.int8))
+    if _hook(loss_fn, "apply_corrections") is not None:
+        n, k = targets.shape
+        raise TrainingError(f"this loss corrects labels in place, which needs the dense {n:,} x {k:,} label matrix "
+                            f"({n * k / 2**30:.1f} GiB) that sparse data avoids; choose a loss without "
+                            "corrections (e.g. ll_r or ll_ct instead of ll_cp)")
+    return targets
+
+
+def batch_rows(labels, indices: torch.Tensor) -> torch.Tensor:
+    """The int8 (B, K) label rows of a batch from :func:`training_labels`' matrix."""
+    if isinstance(labels, torch.Tensor):
+        return labels[indices]
+    return torch.from_numpy(np.asarray(labels[indices.numpy()], dtype=np.int8))
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):

@@ -66,16 +66,25 @@ def build_loss_for_data(name: str, loss_args: dict, observed, epochs: int, seed:
     if key not in LOSSES:
         raise MlicError(f"unknown loss '{name}'; choose one of: {', '.join(sorted(LOSSES))}")
     params = inspect.signature(LOSSES[key].__init__).parameters
-    observed = np.asarray(observed)
+    # only a loss that keeps per-image state reads the whole matrix: sparse labels stay sparse otherwise
     from_data = {"num_images": lambda: observed.shape[0], "num_classes": lambda: observed.shape[1],
-                 "observed": lambda: observed, "num_epochs": lambda: epochs, "seed": lambda: seed}
+                 "observed": lambda: np.asarray(observed), "num_epochs": lambda: epochs, "seed": lambda: seed}
     if clean is not None:
-        from_data["expected_positives"] = lambda: float((np.asarray(clean) == 1).sum(1).mean())
+        from_data["expected_positives"] = lambda: _positives_per_image(clean)
     args = dict(loss_args)
     for field, value in from_data.items():
         if field in params and field not in args:
             args[field] = value()
     return build_loss(key, **args)
+
+
+def _positives_per_image(targets) -> float:
+    """Mean positives per image of (N, K) labels, dense or sparse (without densifying)."""
+    import numpy as np
+
+    if hasattr(targets, "by_class"):
+        return float((np.asarray(targets.values) == 1).sum() / max(len(targets), 1))
+    return float((np.asarray(targets) == 1).sum(1).mean())
 
 
 class LossInputError(MlicError):

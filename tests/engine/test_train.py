@@ -90,6 +90,38 @@ def test_sparse_partial_val_and_test_are_scored_over_known_entries(tiny_digits, 
     np.testing.assert_allclose(meta["thresholds"], thresholds, atol=1e-4)
 
 
+
+def test_sparse_training_labels_stay_sparse(tiny_digits, tmp_path, monkeypatch):
+    from mlic.data.labelset import LabelSet, SparseTargets
+
+    class NoWhole(SparseTargets):  # batches may read their rows; reading the whole matrix fails the test
+        def __array__(self, dtype=None, copy=None):
+            raise AssertionError("densified")
+
+    splits, _, _ = tiny_digits
+    clean = np.asarray(splits["train"].targets)
+    observed = clean.copy()
+    observed[np.random.default_rng(0).random(clean.shape) < 0.6] = -1
+    parts = [SparseTargets.from_dense(m) for m in (clean, observed)]
+    train = LabelSet(splits["train"].classes, splits["train"].image_paths,
+                     *[NoWhole(p.indptr, p.indices, p.values, 10) for p in parts[:1]], splits["train"].root,
+                     observed=NoWhole(parts[1].indptr, parts[1].indices, parts[1].values, 10))
+    seen = []
+
+    class Spy(LOSSES["an"]):
+        def forward(self, logits, targets, indices=None):
+            seen.append((indices.clone(), targets.clone()))
+            return super().forward(logits, targets, indices)
+
+    monkeypatch.setitem(LOSSES, "an", Spy)
+    result = run(job(splits, tmp_path / "run", quick(epochs=1, loss="an"), train=train))
+    assert np.isfinite(result.history[0]["train_loss"]) and seen
+    for indices, targets in seen:  # each batch materialised exactly its own observed rows
+        np.testing.assert_array_equal(targets.numpy(), observed[indices.numpy()])
+    with pytest.raises(TrainingError, match=r"corrects labels in place, which needs the dense 160 x 10 label matrix"):
+        run(job(splits, tmp_path / "cp", quick(epochs=1, loss="ll_cp"), train=train))
+
+
 def test_partial_labels_reach_the_loss_by_dataset_row(tiny_digits, tmp_path, monkeypatch):
     from mlic.data.observe import single_positive
 
