@@ -21,6 +21,19 @@ def quick(**kw):
     return TrainConfig(**(base | kw))
 
 
+def spy_batches(monkeypatch, loss: str) -> list:
+    """Record (indices, targets) of every batch the registered loss ``loss`` is called with."""
+    seen = []
+
+    class Spy(LOSSES[loss]):
+        def forward(self, logits, targets, indices=None):
+            seen.append((indices.clone(), targets.clone()))
+            return super().forward(logits, targets, indices)
+
+    monkeypatch.setitem(LOSSES, loss, Spy)
+    return seen
+
+
 def job(splits, out, cfg=None, model=None, train=None, **kw) -> TrainJob:
     return TrainJob(model or ModelConfig(num_classes=10, img_size=32), cfg or quick(),
                     Splits(train or splits["train"], splits["val"], kw.pop("test", None)), out, progress=False,
@@ -102,18 +115,11 @@ def test_sparse_training_labels_stay_sparse(tiny_digits, tmp_path, monkeypatch):
     clean = np.asarray(splits["train"].targets)
     observed = clean.copy()
     observed[np.random.default_rng(0).random(clean.shape) < 0.6] = -1
-    parts = [SparseTargets.from_dense(m) for m in (clean, observed)]
-    train = LabelSet(splits["train"].classes, splits["train"].image_paths,
-                     *[NoWhole(p.indptr, p.indices, p.values, 10) for p in parts[:1]], splits["train"].root,
-                     observed=NoWhole(parts[1].indptr, parts[1].indices, parts[1].values, 10))
-    seen = []
-
-    class Spy(LOSSES["an"]):
-        def forward(self, logits, targets, indices=None):
-            seen.append((indices.clone(), targets.clone()))
-            return super().forward(logits, targets, indices)
-
-    monkeypatch.setitem(LOSSES, "an", Spy)
+    clean_sparse, observed_sparse = (NoWhole(p.indptr, p.indices, p.values, 10)
+                                     for p in (SparseTargets.from_dense(m) for m in (clean, observed)))
+    train = LabelSet(splits["train"].classes, splits["train"].image_paths, clean_sparse, splits["train"].root,
+                     observed=observed_sparse)
+    seen = spy_batches(monkeypatch, "an")
     result = run(job(splits, tmp_path / "run", quick(epochs=1, loss="an"), train=train))
     assert np.isfinite(result.history[0]["train_loss"]) and seen
     for indices, targets in seen:  # each batch materialised exactly its own observed rows
@@ -127,14 +133,7 @@ def test_partial_labels_reach_the_loss_by_dataset_row(tiny_digits, tmp_path, mon
 
     splits, _, _ = tiny_digits
     observed = single_positive(np.asarray(splits["train"].targets), 0)
-    seen = []
-
-    class Spy(LOSSES["an"]):
-        def forward(self, logits, targets, indices=None):
-            seen.append((indices.clone(), targets.clone()))
-            return super().forward(logits, targets, indices)
-
-    monkeypatch.setitem(LOSSES, "an", Spy)
+    seen = spy_batches(monkeypatch, "an")
     tr = splits["train"].with_observed(observed)
     result = run(job(splits, tmp_path / "run", quick(epochs=1, loss="an"), train=tr))
     assert np.isfinite(result.history[0]["train_loss"])
@@ -334,17 +333,10 @@ def test_trains_from_shards_reading_every_row_once_per_epoch(tiny_digits, digit_
     said = []
     streamed = training_splits(shards, echo=said.append)
     assert sorted(streamed.shards) == ["test", "train", "val"] and "streaming train (" in said[0]
-    seen = []
-
-    class Spy(LOSSES["bce"]):
-        def forward(self, logits, targets, indices=None):
-            seen.append(indices.clone())
-            return super().forward(logits, targets, indices)
-
-    monkeypatch.setitem(LOSSES, "bce", Spy)
+    seen = spy_batches(monkeypatch, "bce")
     result = run(TrainJob(ModelConfig(num_classes=10, img_size=32), quick(epochs=2), streamed, tmp_path / "run",
                           progress=False, log=lambda *a, **k: None))
-    rows = torch.cat(seen).tolist()
+    rows = torch.cat([i for i, _ in seen]).tolist()
     assert len(rows) == 2 * 160 and sorted(rows[:160]) == list(range(160)) == sorted(rows[160:])
     assert rows[:160] != rows[160:]  # each epoch its own shuffle
     assert result.test_metrics["mAP"] > 20 and len(result.history) == 2
