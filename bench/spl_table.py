@@ -19,6 +19,7 @@ Cole et al.'s protocol, scaled to the embedded data set:
 Usage: ``python bench/spl_table.py [--seeds 3] [--finetune-epochs 6] [--out runs/spl] [--only ll_r,gr]``; writes
 ``results.md`` and ``results.json`` into ``--out`` and prints the table. ``results.json`` is written after
 every seed and an entry already there is kept, so a stopped run continues where it was (``--fresh`` redoes all).
+``--set ll_r:delta_rel=4`` adds a row of a method run with one loss argument changed (its linear-head row).
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: chosen by mlic)")
     parser.add_argument("--only", default="", help="comma-separated losses to run (default: every method)")
     parser.add_argument("--fresh", action="store_true", help="ignore results.json and run every entry again")
+    parser.add_argument("--set", action="append", default=[], metavar="LOSS:KEY=VALUE",
+                        help="run LOSS with a loss argument changed (a row of its own, e.g. ll_r:delta_rel=4)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -102,13 +105,22 @@ def main() -> None:
     if saved.exists() and not args.fresh:
         results = json.loads(saved.read_text())
     only = {name for name in args.only.split(",") if name}
-    for name, loss, full, head in METHODS:
+    changed: dict[str, dict] = {}
+    for item in args.set:
+        loss, _, setting = item.partition(":")
+        key, _, value = setting.partition("=")
+        changed.setdefault(loss, {})[key] = json.loads(value)
+    methods = METHODS if not changed else [
+        (f"{name} ({', '.join(f'{a}={v}' for a, v in changed[loss].items())})", loss, full, head)
+        for name, loss, full, head in METHODS if loss in changed and head == "linear"]
+    for name, loss, full, head in methods:
         row = results.setdefault(name, {"linear": [], "finetune": []})
         if only and loss not in only:
             continue
         for s in range(args.seeds):
             observed = clean["train"] if full else single_positive(clean["train"], seed=1200 + s)
             loss_args = {"expected_positives": k} if loss in ("epr", "role") else {}
+            loss_args.update(changed.get(loss, {}))
             if head == "linear" and len(row["linear"]) <= s:
                 probe = LinearProbeConfig(loss=loss, loss_args=loss_args, epochs=25, seed=s)
                 grid = grid_search(feats["train"], observed, feats["val"], clean["val"], probe, batch_sizes=(16, 64),
@@ -119,7 +131,8 @@ def main() -> None:
                 cfg = TrainConfig(epochs=args.finetune_epochs, lr=2e-3, hflip=False, workers=0, seed=s, loss=loss,
                                   loss_args=loss_args, threads=args.threads)
                 splits = Splits(tr, data["val"], data["test"])
-                folder = args.out / f"ft_{loss}{'' if head == 'linear' else '_' + head}_{s}"
+                tag = "".join(f"_{a}{v}" for a, v in changed.get(loss, {}).items())
+                folder = args.out / f"ft_{loss}{tag}{'' if head == 'linear' else '_' + head}_{s}"
                 result = run(TrainJob(replace(model_cfg, head=head), cfg, splits, folder, pretrained=str(weights),
                                       **QUIET))
                 row["finetune"].append(result.test_metrics["mAP"])
@@ -128,7 +141,7 @@ def main() -> None:
                      if len(row[key]) > s]
             print(f"{name:18s} seed {s}: {'  '.join(cells)}  ({time.perf_counter() - t0:.0f}s)", flush=True)
     lines = ["| method | linear probe (test mAP) | fine-tuned (test mAP) |", "|---|---|---|"]
-    for name, *_ in METHODS:
+    for name in [m[0] for m in METHODS] + [n for n in results if n not in {m[0] for m in METHODS}]:
         row = results.get(name, {"linear": [], "finetune": []})
         cells = []
         for mode in ("linear", "finetune"):
