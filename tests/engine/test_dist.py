@@ -35,12 +35,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants, leaves first."""
+    import signal
+
+    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split()
+    for child in children:
+        kill_tree(int(child))
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 @pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="no torchrun")
 def test_two_nodes_from_shards_kill_one_node_then_resume(digit_shards, tmp_path):
     """torchrun --nnodes 2 with the c10d rendezvous: two "nodes" of one process each on 127.0.0.1 (gloo) train
-    from shards; one node is killed (SIGKILL to its whole process group) inside a later epoch; both nodes are
-    started again with --resume and the run continues from the last checkpoint to the end."""
-    import signal
+    from shards; one node is killed (SIGKILL to its agent and its worker) after the first epoch; the other
+    stops; both nodes are started again with --resume and the run continues from the last checkpoint to the
+    end."""
     import time
 
     import torch
@@ -48,24 +61,32 @@ def test_two_nodes_from_shards_kill_one_node_then_resume(digit_shards, tmp_path)
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     shards = digit_shards(tmp_path)
     out = tmp_path / "run"
-    env = dict(os.environ, MLIC_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    # a rank whose peer died stops at its next collective (gloo sees the closed connection; at the latest after
+    # MLIC_DIST_TIMEOUT seconds)
+    env = dict(os.environ, MLIC_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", MLIC_DIST_TIMEOUT="60")
 
     def nodes(port, extra=()):
         command = [torchrun, "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint",
                    f"127.0.0.1:{port}", "--rdzv_id", f"mlic-{port}", "--max_restarts", "0", "-m", "mlic", "train",
                    "--data", str(shards), "--img-size", "64", "--epochs", "4", "--batch-size", "8", "--workers", "0",
                    "--threads", "1", "--out", str(out), "--quiet", *extra]
-        return [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                 start_new_session=True) for _ in range(2)]
+        started = []
+        for _ in range(2):  # the first hosts the c10d store; the second, killed below, is a client node
+            started.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                            env=env, start_new_session=True))
+            time.sleep(1)
+        return started
 
     first = nodes(free_port())
     deadline = time.time() + 300
     metrics = out / "metrics.jsonl"
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 1):
         time.sleep(0.02)
-    os.killpg(first[1].pid, signal.SIGKILL)  # node 2, agent and worker, as a machine that goes away
+    kill_tree(first[1].pid)  # node 2, agent and worker (torchrun starts it in a session of its own), as a lost machine
+    killed_at = time.time()
     outputs = [p.communicate(timeout=300)[0] for p in first]
     assert first[0].returncode != 0, outputs[0][-2000:]  # the surviving node stops instead of hanging
+    print(f"the surviving node stopped {time.time() - killed_at:.1f}s after the kill")
     state = torch.load(out / "last.pt", weights_only=True)
     done = int(state["next_epoch"])
     assert 1 <= done < 4 and not (out / "test_metrics.json").exists()
