@@ -3,8 +3,8 @@
 Synthetic problem: ``--images`` x ``--classes`` float32 scores (default 125,436 x 9,605, the size
 of OpenImages' test split and ML-Decoder's trainable classes) held in memory, sparse targets with
 ``--known`` verified labels per image (distinct classes, 30% positive), positives scoring higher
-on average. It times :func:`mlic.metrics.known_mean_average_precision`, then the whole table
-:func:`mlic.metrics.known_metrics_table` without and with the top-3 metrics (these read every score, row
+on average. It times :func:`mlic.known_metrics.known_mean_average_precision`, then the whole table
+:func:`mlic.known_metrics.known_metrics_table` without and with the top-3 metrics (these read every score, row
 chunk by row chunk), and reports
 
 * the extra memory the metric allocates beyond its inputs (``tracemalloc`` peak; NumPy reports
@@ -27,13 +27,8 @@ import numpy as np
 from sklearn.metrics import average_precision_score
 
 from mlic.data.labelset import SparseTargets
-from mlic.metrics import (
-    known_average_precision,
-    known_mean_average_precision,
-    known_metrics_table,
-    mean_average_precision,
-    metrics_table,
-)
+from mlic.known_metrics import known_average_precision, known_mean_average_precision, known_metrics_table
+from mlic.metrics import mean_average_precision, metrics_table
 
 
 def problem(images: int, classes: int, known: int, seed: int = 0) -> tuple[np.ndarray, SparseTargets]:

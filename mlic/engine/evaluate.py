@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader
 from mlic.data.images import BadImageCheck, ImageDataset, build_transform, make_loader, normalize
 from mlic.data.labelset import LabelSet, SparseTargets
 from mlic.errors import MlicError
-from mlic.metrics import best_thresholds, known_best_thresholds, known_metrics_table, metrics_table
+from mlic.known_metrics import known_best_thresholds, known_metrics_table
+from mlic.metrics import best_thresholds, metrics_table
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -100,7 +101,7 @@ def evaluate_scores(scores: np.ndarray, targets: np.ndarray | SparseTargets, thr
 
     Pass the readable rows of :func:`score_labelset`; a non-finite score among them means the model
     diverged, which is an error, not a row to drop. Sparse targets (:class:`SparseTargets`) are never
-    densified: the table is :func:`mlic.metrics.known_metrics_table`, over the known entries only, with
+    densified: the table is :func:`mlic.known_metrics.known_metrics_table`, over the known entries only, with
     classes without a known positive left out of the mAP (``"mAP_classes"`` says how many were averaged).
     """
     if isinstance(targets, SparseTargets):
