@@ -388,8 +388,8 @@ def predict(
 ) -> None:
     """Label images with scores, batch by batch: printed, or streamed to --jsonl/--csv (resumable)."""
     from mlic.data.labelset import LabelSet
+    from mlic.engine.evaluate import progress_bar
     from mlic.engine.predict import Predictor, ResultWriter, list_images, read_path_list
-    from mlic.engine.train import progress_bar
 
     predictor = Predictor(checkpoint, engine=engine)
     inputs = inputs or []

@@ -1,4 +1,5 @@
-"""Score a LabelSet with a model and compute the metrics table."""
+"""Score a data set with a model (one process or sharded across DDP ranks, from files or shards) and compute
+the metrics table."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from mlic.data.images import BadImageCheck, ImageDataset, build_transform, make_loader, normalize
 from mlic.data.labelset import LabelSet, SparseTargets
+from mlic.data.shards import ShardDataset
+from mlic.engine import dist
 from mlic.errors import MlicError
 from mlic.known_metrics import known_best_thresholds, known_metrics_table
 from mlic.metrics import best_thresholds, metrics_table
@@ -61,21 +63,62 @@ def predict_loader(model: torch.nn.Module, loader: Iterable, mean, std, device: 
 
 def score_labelset(model: torch.nn.Module, labelset: LabelSet, img_size: int, mean, std, device: torch.device,
                    batch_size: int = 128, workers: int = 0, amp_dtype: torch.dtype | None = None,
-                   check: BadImageCheck | None = None,
-                   loader: DataLoader | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                   check: BadImageCheck | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Scores (N, K) for a LabelSet; rows of undecodable images are NaN; returns (scores, readable rows, messages).
 
     ``check`` defaults to the usual limit (1 % of the split unreadable, and at least one readable image).
     """
-    if loader is None:
-        dataset = ImageDataset(labelset, build_transform(img_size, train=False), targets=labelset.targets)
-        loader = make_loader(dataset, batch_size, workers=workers)
     check = check or BadImageCheck(labelset.split or "data", len(labelset))
-    scores, idx, bad = predict_loader(model, loader, mean, std, device, amp_dtype, check=check)
-    full = np.full((len(labelset), labelset.num_classes), np.nan, dtype=np.float32)
-    if len(idx):
-        full[idx] = scores
-    return full, idx, bad
+    dataset = ImageDataset(labelset, build_transform(img_size, train=False), targets=labelset.targets)
+    scores, rows = score_sharded(model, dataset, batch_size, workers, mean, std, device, amp_dtype, check=check)
+    return scores, rows, check.messages
+
+
+def scoring_data(split: str, splits, transform) -> ImageDataset | ShardDataset:
+    """What :func:`score_sharded` reads for ``split``: its shards, in order, when it streams, else its files."""
+    labelset = getattr(splits, split)
+    targets = labelset.train_targets if split == "train" else labelset.targets
+    if split in splits.shards:
+        return ShardDataset(splits.shards[split], transform, targets="train" if split == "train" else "clean",
+                            shuffle=False, idle_ranks=True)
+    return ImageDataset(labelset, transform, targets=targets)
+
+
+def score_sharded(model: torch.nn.Module, dataset: ImageDataset | ShardDataset, batch_size: int, workers: int,
+                  mean, std, device: torch.device, amp_dtype: torch.dtype | None, check: BadImageCheck | None = None,
+                  seed: int | None = None, description: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (N, K) of a whole dataset (NaN rows for unreadable images) and the readable rows (sorted);
+    under DDP each rank scores every ``world``-th row (from shards: its own shards) and the parts are
+    gathered on every rank. ``seed`` seeds each sample's transform (files only)."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if isinstance(dataset, ShardDataset):
+        num_rows, num_classes = dataset.index.num_rows, dataset.num_classes
+        loader = make_loader(dataset, batch_size, workers=workers)
+        if check is not None:  # images 'mlic prepare shards' could not read (every rank: the checks must agree)
+            check.add([f"{entry['path']}: {entry['reason']}" for entry in dataset.index.skipped])
+        steps = -(-len(dataset) // batch_size)
+    else:
+        num_rows, num_classes = len(dataset), dataset.labelset.num_classes
+        rows = range(rank, len(dataset), world)
+        items = [(i, (seed * 1_000_033 + i) % 2**62) for i in rows] if seed is not None else list(rows)
+        loader = make_loader(dataset, batch_size, workers=workers, sampler=items)
+        steps = len(loader)
+    bar = progress_bar(steps, description, enabled=description is not None)
+    scores, idx, bad = predict_loader(model, loader, mean, std, device, amp_dtype, progress=bar.advance)
+    bar.close()
+    full = np.full((num_rows, num_classes), np.nan, dtype=np.float32)
+    readable = []
+    for part_scores, part_idx, part_bad in dist.gather_objects((scores, idx, bad)):
+        if len(part_idx):
+            full[part_idx] = part_scores
+        readable.append(part_idx)
+        if check is not None:
+            check.add(part_bad)
+    rows = np.unique(np.concatenate(readable))  # unique: padding may score a row twice
+    if check is not None:
+        check.finish(len(rows))
+    return full, rows
 
 
 class DivergedError(MlicError):
@@ -127,3 +170,25 @@ def fit_thresholds(scores: np.ndarray, targets: np.ndarray | SparseTargets,
     if rows is None:
         return best_thresholds(scores, np.asarray(targets))
     return best_thresholds(scores[rows], np.asarray(targets)[rows])
+
+
+class progress_bar:  # noqa: N801 - used like a function
+    """A rich progress bar that is a no-op when disabled (quiet runs, other ranks, tests)."""
+
+    def __init__(self, total: int, description: str, enabled: bool = True) -> None:
+        self.progress = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"), transient=True)
+            self.progress.start()
+            self.task = self.progress.add_task(description, total=total, info="")
+
+    def advance(self, info: str | None = None, count: int = 1) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, advance=count, **({"info": info} if info else {}))
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()

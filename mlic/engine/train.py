@@ -28,7 +28,14 @@ from mlic.data.images import BadImageCheck, EpochOrder, ImageDataset, build_tran
 from mlic.data.shards import ShardDataset
 from mlic.engine import dist
 from mlic.engine.checkpoint import labelset_fingerprint, load_state, save_model, save_state, settings_differences
-from mlic.engine.evaluate import autocast_dtype, evaluate_scores, fit_thresholds, predict_loader
+from mlic.engine.evaluate import (
+    autocast_dtype,
+    evaluate_scores,
+    fit_thresholds,
+    progress_bar,
+    score_sharded,
+    scoring_data,
+)
 from mlic.engine.job import RunResult, TrainJob
 from mlic.engine.run import choose_threads
 from mlic.errors import MlicError
@@ -184,6 +191,7 @@ def fit(job: TrainJob) -> RunResult:
         epoch_steps = shard_steps(train_data, cfg.batch_size, cfg.workers, cfg.epochs, train_loader.drop_last)
         if job.checkpoint_every is not None:
             say("shards: checkpoints at epoch ends only (a shard stream resumes at an epoch boundary)")
+    sampling = order if stream is None else train_data  # whose sample_seed(row) seeds each sample's augmentation
     if cfg.decode_device != "cpu":  # --decode-device: the workers hand JPEGs on undecoded; batches decode below
         check_decode_device(cfg.decode_device, device)
         train_data.read, train_loader.collate_fn = read_encoded, collate_encoded
@@ -267,7 +275,7 @@ def fit(job: TrainJob) -> RunResult:
         batches = itertools.islice(train_loader, steps_per_epoch - skip)  # shards: every rank takes as many steps
         for step, (images, _, indices, errors) in enumerate(batches, skip + 1):
             if cfg.decode_device != "cpu":  # JPEG bytes -> the augmented uint8 batch, on the device
-                seeds = [(order if stream is None else train_data).sample_seed(row) for row in indices.tolist()]
+                seeds = [sampling.sample_seed(row) for row in indices.tolist()]
                 images, indices, more = decode_batch(images, indices, train_data.transform, device, seeds)
                 errors = errors + more
             train_check.add(errors)
@@ -449,75 +457,6 @@ def shard_steps(data: ShardDataset, batch_size: int, workers: int, epochs: int, 
     return steps
 
 
-def scoring_data(split: str, splits, transform) -> ImageDataset | ShardDataset:
-    """What :func:`score_sharded` reads for ``split``: its shards, in order, when it streams, else its files."""
-    labelset = getattr(splits, split)
-    targets = labelset.train_targets if split == "train" else labelset.targets
-    if split in splits.shards:
-        return ShardDataset(splits.shards[split], transform, targets="train" if split == "train" else "clean",
-                            shuffle=False, idle_ranks=True)
-    return ImageDataset(labelset, transform, targets=targets)
-
-
-def score_sharded(model: nn.Module, dataset: ImageDataset | ShardDataset, batch_size: int, workers: int, mean, std,
-                  device: torch.device, amp_dtype: torch.dtype | None, check: BadImageCheck | None = None,
-                  seed: int | None = None, description: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Scores (N, K) of a whole dataset (NaN rows for unreadable images) and the readable rows (sorted);
-    under DDP each rank scores every ``world``-th row (from shards: its own shards) and the parts are
-    gathered on every rank. ``seed`` seeds each sample's transform (files only)."""
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    if isinstance(dataset, ShardDataset):
-        num_rows, num_classes = dataset.index.num_rows, dataset.num_classes
-        loader = make_loader(dataset, batch_size, workers=workers)
-        if check is not None:  # images 'mlic prepare shards' could not read (every rank: the checks must agree)
-            check.add([f"{entry['path']}: {entry['reason']}" for entry in dataset.index.skipped])
-        steps = -(-len(dataset) // batch_size)
-    else:
-        num_rows, num_classes = len(dataset), dataset.labelset.num_classes
-        rows = range(rank, len(dataset), world)
-        items = [(i, (seed * 1_000_033 + i) % 2**62) for i in rows] if seed is not None else list(rows)
-        loader = make_loader(dataset, batch_size, workers=workers, sampler=items)
-        steps = len(loader)
-    bar = progress_bar(steps, description, enabled=description is not None)
-    scores, idx, bad = predict_loader(model, loader, mean, std, device, amp_dtype, progress=bar.advance)
-    bar.close()
-    full = np.full((num_rows, num_classes), np.nan, dtype=np.float32)
-    readable = []
-    for part_scores, part_idx, part_bad in dist.gather_objects((scores, idx, bad)):
-        if len(part_idx):
-            full[part_idx] = part_scores
-        readable.append(part_idx)
-        if check is not None:
-            check.add(part_bad)
-    rows = np.unique(np.concatenate(readable))  # unique: padding may score a row twice
-    if check is not None:
-        check.finish(len(rows))
-    return full, rows
-
-
 def scalars(metrics: dict) -> dict:
     """The float entries of a metrics table (JSON-friendly)."""
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, np.floating))}
-
-
-class progress_bar:  # noqa: N801 - used like a function
-    """A rich progress bar that is a no-op when disabled (quiet runs, other ranks, tests)."""
-
-    def __init__(self, total: int, description: str, enabled: bool = True) -> None:
-        self.progress = None
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"), transient=True)
-            self.progress.start()
-            self.task = self.progress.add_task(description, total=total, info="")
-
-    def advance(self, info: str | None = None, count: int = 1) -> None:
-        if self.progress is not None:
-            self.progress.update(self.task, advance=count, **({"info": info} if info else {}))
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()

@@ -326,7 +326,7 @@ def test_linear_init_starts_fine_tuning_from_the_head_and_the_estimated_labels(t
 
 def test_trains_from_shards_reading_every_row_once_per_epoch(tiny_digits, digit_shards, tmp_path, monkeypatch):
     from mlic.data.splits import training_splits
-    from mlic.engine.train import score_sharded, scoring_data
+    from mlic.engine.evaluate import score_sharded, scoring_data
 
     splits, _, _ = tiny_digits
     shards = digit_shards(tmp_path)
