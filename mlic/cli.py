@@ -378,8 +378,10 @@ def predict(
                                                     "into this file.")] = None,
     csv_out: Annotated[Path | None, typer.Option("--csv", help="Stream path,labels,score per class into this CSV.")]
         = None,
-    resume: Annotated[bool, typer.Option(help="Append to --jsonl/--csv, skipping the paths they already hold.")]
-        = False,
+    resume: Annotated[bool, typer.Option(help="Append to --jsonl/--csv, skipping the paths they already hold "
+                                              "(the same model and label options only).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace --jsonl/--csv/--explain files even when they are not "
+                                                 "mlic's predictions (never the command's own inputs).")] = False,
     explain: Annotated[Path | None, typer.Option(help="Write per-label attention maps (PNG) into this folder "
                                                          "(Query2Label models, torch engine).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
@@ -389,25 +391,39 @@ def predict(
     """Label images with scores, batch by batch: printed, or streamed to --jsonl/--csv (resumable)."""
     from mlic.data.labelset import LabelSet
     from mlic.engine.evaluate import progress_bar
-    from mlic.engine.predict import Predictor, ResultWriter, list_images, read_path_list
+    from mlic.engine.predict import Predictor, list_images, read_path_list, unique_paths
+    from mlic.engine.results import ResultWriter, model_identity
 
+    if resume and not (jsonl or csv_out):
+        raise MlicError("--resume needs --jsonl or --csv: the files to continue")
+    if resume and overwrite:
+        raise MlicError("--resume and --overwrite contradict each other; choose one")
     predictor = Predictor(checkpoint, engine=engine)
     inputs = inputs or []
+    unreadable: list[Path] = []
     if len(inputs) == 1 and (inputs[0] / "labelset.json").is_file() and path_list is None:
         labelset = LabelSet.load(inputs[0])
         paths = [labelset.path(i) for i in range(len(labelset))]
     else:
-        paths = list_images(inputs) + (read_path_list(path_list) if path_list else [])
+        paths = list_images(inputs, unreadable) + (read_path_list(path_list) if path_list else [])
+    for folder in unreadable:
+        typer.echo(f"{shown(folder)}: cannot list this folder (permissions?); its images are not predicted", err=True)
+    given = len(paths)
+    paths = unique_paths(paths)
     if not paths:
         raise MlicError(f"no images found in {', '.join(map(str, inputs)) or path_list or 'the arguments'}; "
                          "give image files, folders, a LabelSet folder or --list")
-    if resume and not (jsonl or csv_out):
-        raise MlicError("--resume needs --jsonl or --csv: the files to continue")
     if explain and not predictor.has_attention:
         raise MlicError("--explain needs a Query2Label model on the torch engine")
-    writer = ResultWriter(predictor.classes, jsonl, csv_out, resume)
+    protected = [*predictor.files, *paths, *([path_list] if path_list else [])]
+    identity = model_identity(predictor.files, predictor.classes, predictor.thresholds.tolist(), threshold, top_k) \
+        if (jsonl or csv_out) else ""
+    writer = ResultWriter(predictor.classes, jsonl, csv_out, resume, identity, protected, overwrite)
+    maps = AttentionFiles(explain, paths, protected, overwrite) if explain else None
     todo = [p for p in paths if not writer.skip(str(p))]
     to_files = bool(jsonl or csv_out)
+    if given > len(paths):
+        typer.echo(f"{given - len(paths)} paths name an image given already; each image is predicted once", err=True)
     if resume:
         typer.echo(f"resuming: {len(paths) - len(todo)} of {len(paths)} images already written", err=True)
     bar = progress_bar(-(-len(todo) // batch_size), f"predict ({predictor.engine.name})",
@@ -420,17 +436,17 @@ def predict(
             for r in batch:
                 if r.error:
                     bad += 1
-                    typer.echo(f"{r.path}\terror: {r.error}", err=True)
+                    typer.echo(f"{shown(r.path)}\terror: {r.error}", err=True)
                 elif not to_files:
-                    typer.echo(f"{r.path}\t" + (", ".join(f"{c} {s:.3f}" for c, s in r.labels) if r.labels
-                                                 else "(no label above threshold)"))
-                if explain and not r.error:
+                    typer.echo(f"{shown(r.path)}\t" + (", ".join(f"{c} {s:.3f}" for c, s in r.labels) if r.labels
+                                                        else "(no label above threshold)"))
+                if maps and not r.error:
                     from mlic.models.explain import write_attention_png
 
-                    png = explain / f"{Path(r.path).stem}_attention.png"
+                    png = maps.path(r.path)
                     write_attention_png(predictor.model, r.path, png, predictor.classes, max_labels=top_k or 12,
                                         thresholds=predictor.thresholds if threshold is None else threshold)
-                    typer.echo(f"attention maps: {png}")
+                    typer.echo(f"attention maps: {shown(png)}")
             done += len(batch)
             bar.advance(f"{done / (time.perf_counter() - t0):.0f} images/s")
     finally:
@@ -438,10 +454,46 @@ def predict(
         writer.close()
     if not quiet and to_files:
         seconds = time.perf_counter() - t0
-        typer.echo(f"{done} images in {seconds:.1f}s ({done / max(seconds, 1e-9):.1f} images/s), {bad} unreadable; "
-                   f"wrote {', '.join(str(p) for p in (jsonl, csv_out) if p)}", err=True)
+        skipped = f", {len(unreadable)} folders not listable" if unreadable else ""
+        typer.echo(f"{done} images in {seconds:.1f}s ({done / max(seconds, 1e-9):.1f} images/s), {bad} unreadable"
+                   f"{skipped}; wrote {', '.join(str(p) for p in (jsonl, csv_out) if p)}", err=True)
     if todo and bad == len(todo):
         sys.exit(2)
+
+
+def shown(path) -> str:
+    """A path as one printable line: a newline or a byte that is not UTF-8 appears escaped, never raw."""
+    text = str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in text)
+
+
+class AttentionFiles:
+    """One attention-map file per image in ``--explain``: unique names, nothing mlic did not write replaced.
+
+    ``<stem>_attention.png``; images sharing a stem (``a/x.jpg``, ``b/x.jpg``) get the path of the image
+    relative to their common folder instead (``a__x_attention.png``).
+    """
+
+    def __init__(self, folder: Path, paths: list[Path], inputs: list[Path], overwrite: bool) -> None:
+        import os
+        from collections import Counter
+
+        from mlic.outputs import Output, check_outputs
+
+        stems = Counter(Path(p).stem for p in paths)
+        clashing = [str(Path(p).resolve()) for p in paths if stems[Path(p).stem] > 1]
+        root = Path(os.path.commonpath(clashing)) if clashing else None
+        self.names: dict[str, Path] = {}
+        for p in paths:
+            resolved = Path(p).resolve()
+            name = Path(p).stem if stems[Path(p).stem] == 1 else \
+                "__".join(resolved.relative_to(root).with_suffix("").parts)
+            self.names[str(resolved)] = folder / f"{name}_attention.png"
+        check_outputs([Output("--explain", path, "attention-png") for path in self.names.values()], inputs,
+                      overwrite=overwrite)
+
+    def path(self, image: str) -> Path:
+        return self.names[str(Path(image).resolve())]
 
 
 export_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Export a model for other runtimes.")
@@ -456,11 +508,19 @@ def export_onnx_command(
     output: Annotated[Path, typer.Option("-o", "--output", help="The .onnx file to write.")],
     int8: Annotated[bool, typer.Option(help="Also write <output stem>.int8.onnx, quantized by onnxruntime "
                                             "(dynamic, int8 weights).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace the output even when it is not an ONNX file mlic "
+                                                 "wrote (never the checkpoint's own files).")] = False,
 ) -> None:
     """Export to ONNX (uint8 images in, probabilities out, normalisation inside) and check it against PyTorch."""
     from mlic.engine.checkpoint import load_model
-    from mlic.export import PARITY_TOLERANCE, export_onnx
+    from mlic.engine.predict import model_files
+    from mlic.export import PARITY_TOLERANCE, export_onnx, int8_output
+    from mlic.outputs import Output, check_outputs
 
+    if output.suffix != ".onnx":
+        raise MlicError(f"-o {output}: the ONNX file's name must end in .onnx")
+    outputs = [Output("-o", output, "onnx")] + ([Output("--int8", int8_output(output), "onnx")] if int8 else [])
+    check_outputs(outputs, model_files(checkpoint), overwrite=overwrite)
     model, meta = load_model(checkpoint, "cpu")
     result = export_onnx(model, meta, output, int8=int8)
     size = model.config.img_size

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +27,8 @@ import torch
 from torch import nn
 
 from mlic import __version__
-from mlic.data.labelset import atomic_write_bytes
 from mlic.errors import MlicError
+from mlic.io import atomic_write_bytes, fs_error
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "probabilities"
@@ -172,23 +174,36 @@ def export_onnx(model: nn.Module, meta: dict, out: str | Path, int8: bool = Fals
     if int8:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        int8_path = out.with_name(out.stem + ".int8.onnx")
-        tmp = int8_path.with_name(int8_path.name + ".tmp")
+        int8_path = int8_output(out)
+        # a temporary name of mlic.io's form, so that a killed export's leftover is removed by the next one
+        tmp = int8_path.with_name(f".{int8_path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
         quiet = logging.getLogger()  # onnxruntime logs advice on the root logger
         level = quiet.level
         quiet.setLevel(logging.ERROR)
         try:
             quantize_dynamic(str(out), str(tmp), weight_type=QuantType.QInt8)
+            quantized = onnx.load(str(tmp))
+        except OSError as e:
+            raise fs_error(e, int8_path) from None
+        except Exception as e:  # noqa: BLE001 - protobuf and onnxruntime fail in many ways on a full disk
+            reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise ExportError(f"{int8_path}: the int8 model could not be written ({reason}); check the free space "
+                              f"in {int8_path.parent} (the float model {out} is complete)") from None
         finally:
             quiet.setLevel(level)
-        quantized = onnx.load(str(tmp))
-        tmp.unlink()
+            tmp.unlink(missing_ok=True)
         _set_metadata(quantized, {**metadata, "mlic_quantization": "onnxruntime dynamic, int8 weights"})
         data8 = quantized.SerializeToString()
         atomic_write_bytes(int8_path, data8)
         result.int8_path = int8_path
         result.int8_max_diff = max_difference(graph, ort_session(data8), check_batch(size))
     return result
+
+
+def int8_output(out: str | Path) -> Path:
+    """Where ``--int8`` writes the quantized copy of ``out``: ``<stem>.int8.onnx`` beside it."""
+    out = Path(out)
+    return out.with_name(out.stem + ".int8.onnx")
 
 
 def read_onnx_metadata(path: str | Path) -> dict:
@@ -214,11 +229,25 @@ def check_session(session, path: str | Path) -> tuple[object, dict]:
     if "mlic_classes" not in props or "mlic_img_size" not in props:
         raise ExportError(f"{path}: no mlic metadata (class names, input size); this ONNX file was not made by "
                           "'mlic export onnx' - export the checkpoint with it")
-    meta = {"classes": json.loads(props["mlic_classes"]), "thresholds": json.loads(props["mlic_thresholds"]),
-            "img_size": int(props["mlic_img_size"]), "head": props.get("mlic_head", ""),
-            "backbone": props.get("mlic_backbone", ""), "mlic_version": props.get("mlic_version", ""),
-            "quantization": props.get("mlic_quantization")}
+    from mlic.config import IMG_SIZES
+    from mlic.engine.checkpoint import check_model_meta
+
+    try:
+        meta = {"classes": json.loads(props["mlic_classes"]),
+                "thresholds": json.loads(props.get("mlic_thresholds", "null")),
+                "img_size": int(props["mlic_img_size"]), "head": props.get("mlic_head", ""),
+                "backbone": props.get("mlic_backbone", ""), "mlic_version": props.get("mlic_version", ""),
+                "quantization": props.get("mlic_quantization")}
+    except ValueError as e:
+        raise ExportError(f"{path}: its mlic metadata is damaged ({str(e).splitlines()[0][:80]}); export the model "
+                          "again with 'mlic export onnx'") from None
     inputs, outputs = session.get_inputs(), session.get_outputs()
+    if not IMG_SIZES[0] <= meta["img_size"] <= IMG_SIZES[1]:
+        raise ExportError(f"{path}: mlic_img_size {meta['img_size']} is not an input size ({IMG_SIZES[0]} to "
+                          f"{IMG_SIZES[1]}); export the model again")
+    shape = next((o.shape for o in outputs if o.name == OUTPUT_NAME), None)
+    width = shape[1] if shape and len(shape) == 2 and isinstance(shape[1], int) else None
+    check_model_meta(meta, path, num_outputs=width, error=ExportError)
     if [i.name for i in inputs] != [INPUT_NAME] or inputs[0].type != "tensor(uint8)" or \
             list(inputs[0].shape[1:]) != [3, meta["img_size"], meta["img_size"]] or \
             OUTPUT_NAME not in [o.name for o in outputs]:

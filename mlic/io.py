@@ -10,6 +10,7 @@ an interrupted process left behind.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -37,7 +38,8 @@ def atomic_file(path: str | os.PathLike) -> Iterator[tuple[IO[bytes], str]]:
     """A temporary file beside ``path`` (object, name), moved onto ``path`` when the block ends without error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # the writer's pid in the name lets remove_stale() tell a killed write's leftovers from a live one
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             yield f, tmp
@@ -45,10 +47,54 @@ def atomic_file(path: str | os.PathLike) -> Iterator[tuple[IO[bytes], str]]:
             os.fsync(f.fileno())
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
-    except BaseException:
+        _record_write(path)
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise fs_error(e, path) from None
         raise
+
+
+_TRACKED: dict[Path, tuple[Path, set[str]]] = {}
+
+
+def track_writes(folder: str | os.PathLike, manifest: str, owned: set[str]) -> None:
+    """From now on, record in ``folder/manifest`` the top-level name of every file this module writes there.
+
+    What a run wrote is then known exactly (``--overwrite`` removes that and nothing else), whichever
+    writer wrote it. ``owned`` are the names recorded already (a resumed run's).
+    """
+    folder = Path(folder).resolve()
+    _TRACKED[folder] = (folder / manifest, set(owned))
+    _write_manifest(folder)
+
+
+def _write_manifest(folder: Path) -> None:
+    import json
+
+    manifest, names = _TRACKED[folder]
+    atomic_write_bytes(manifest, json.dumps({"files": sorted(names)}).encode())
+
+
+def _record_write(path: Path) -> None:
+    if not _TRACKED:
+        return
+    path = path.resolve()
+    for folder, (manifest, names) in list(_TRACKED.items()):
+        if path == manifest or folder not in path.parents:
+            continue
+        name = path.relative_to(folder).parts[0]
+        if name not in names:
+            names.add(name)
+            _write_manifest(folder)
+
+
+def fs_error(e: OSError, path: str | os.PathLike) -> OSError:
+    """``e`` with the file it concerns: a failed write (a full disk) often carries no file name."""
+    if e.filename:
+        return e
+    return type(e)(e.errno, e.strerror or str(e), str(path))
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -130,6 +176,32 @@ def remove_stale(folder: str | os.PathLike, name: str) -> int:
     for item in folder.glob(f".{name}.*.tmp"):
         pid_part = item.name[len(name) + 2:].split("-", 1)[0].split(".", 1)[0]
         if pid_part.isdigit() and _pid_alive(int(pid_part)) and int(pid_part) != os.getpid():
+            continue
+        shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+TEMP_NAME = re.compile(r"^\..+\.(\d+)-[A-Za-z0-9_]+(\.old)?\.tmp$")
+"""A temporary name of this module: ``.<name>.<pid>-<random>[.old].tmp``."""
+
+
+def remove_stale_all(folder: str | os.PathLike) -> int:
+    """Remove every temporary file or folder in ``folder`` whose writing process is gone.
+
+    The next run that opens a folder calls this, so a killed write leaves nothing behind for long.
+    Returns how many were removed.
+    """
+    folder = Path(folder)
+    removed = 0
+    if not folder.is_dir():
+        return 0
+    for item in folder.iterdir():
+        match = TEMP_NAME.match(item.name)
+        if not match:
+            continue
+        pid = int(match.group(1))
+        if pid != os.getpid() and _pid_alive(pid):
             continue
         shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink(missing_ok=True)
         removed += 1

@@ -181,11 +181,30 @@ def test_a_run_is_never_overwritten_by_surprise(tiny_run):
     one_error_line(run(*args), f"{out}: holds a run already", "--resume", "--overwrite")
     assert (out / "model.safetensors").read_bytes() == before
     (out / "notes.txt").write_text("mine")
-    (out / "loss.safetensors").write_bytes(b"stale loss state of the old run")
+    (out / "features").mkdir()  # a user's folder under a name a linear run would write: not the run's
+    (out / "features" / "mine.npy").write_bytes(b"user data")
+    one_error_line(run(*args, "--overwrite"), f"{out}: holds features/, not written by a run of mlic")
+    assert (out / "features" / "mine.npy").read_bytes() == b"user data"
+    (out / "features").rename(out / "my_features")
     result = run(*args, "--overwrite", "--seed", "5")
     assert result.exit_code == 0, result.output
     assert (out / "model.safetensors").read_bytes() != before and (out / "notes.txt").read_text() == "mine"
+    assert (out / "my_features" / "mine.npy").read_bytes() == b"user data"
+
+
+def test_overwrite_removes_what_the_old_run_wrote(tiny_run):
+    out, args, _ = tiny_run
+    result = run(*args, "--overwrite", "--loss", "role", "--observe", "single-positive")
+    assert result.exit_code == 0, result.output
+    assert (out / "loss.safetensors").is_file()  # ROLE's estimated labels, recorded in the run's manifest
+    manifest = json.loads((out / ".mlic-run.json").read_text())["files"]
+    assert "loss.safetensors" in manifest and "features" not in manifest
+    result = run(*args, "--overwrite")
+    assert result.exit_code == 0, result.output
     assert not (out / "loss.safetensors").exists()  # bce keeps no state: the old run's must not survive
+    (out / "loss.safetensors").write_bytes(b"a file no run recorded")  # a user's, under a run's name
+    one_error_line(run(*args, "--overwrite"), "holds loss.safetensors, not written by a run of mlic")
+    assert (out / "loss.safetensors").read_bytes() == b"a file no run recorded"
 
 
 def test_resume_names_each_setting_that_differs(tiny_run):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +22,15 @@ from mlic import __version__
 from mlic.config import ModelConfig
 from mlic.data.labelset import LabelSet, SparseTargets
 from mlic.errors import MlicError
-from mlic.io import UnsafeFileError, atomic_write_bytes, check_writable, load_torch_weights
+from mlic.io import UnsafeFileError, atomic_write_bytes, check_writable, load_torch_weights, track_writes
 from mlic.models.weights import check_state_dict
 
 RUN_FILES = ("model.safetensors", "model.json", "last.pt", "metrics.jsonl", "test_metrics.json", "test_scores.npy",
              "report.md", "training.png", "per_class_ap.png", "pr_curves.png", "estimated_labels.npy", "features",
              "loss.safetensors", "linear")
 """What a run writes into its folder: a folder holding model.json, last.pt or metrics.jsonl holds a run."""
+WRITE_ID = "mlic_write_id"
+"""The safetensors metadata key that pairs model.safetensors with its model.json."""
 
 
 class CheckpointError(MlicError):
@@ -44,17 +47,64 @@ def save_model(
     if len(classes) != config.num_classes:
         raise CheckpointError(f"{len(classes)} class names for a model with {config.num_classes} outputs")
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(directory / "model.safetensors", save(state))
+    # one id in both files: a kill between the two writes leaves a pair that load_model refuses, never
+    # new weights silently beside old thresholds
+    write_id = uuid.uuid4().hex
     thresholds = [0.5] * len(classes) if thresholds is None else [float(t) for t in thresholds]
     meta = {
         "mlic_version": __version__,
         "model": config.to_dict(),
         "classes": list(classes),
         "thresholds": thresholds,
+        "weights_id": write_id,
         **(extra or {}),
     }
+    check_model_meta(meta, directory / "model.json")
+    atomic_write_bytes(directory / "model.safetensors", save(state, metadata={WRITE_ID: write_id}))
     atomic_write_bytes(directory / "model.json", json.dumps(meta, indent=1).encode())
     return directory
+
+
+def check_class_names(classes, source, error: type[MlicError] = MlicError) -> list[str]:
+    """A model's class names: a non-empty list of distinct, non-empty, one-line strings."""
+    if not isinstance(classes, list) or not classes:
+        raise error(f"{source}: 'classes' must be a non-empty list of class names")
+    for name in classes:
+        if not isinstance(name, str) or not name.strip() or not name.isprintable():
+            raise error(f"{source}: class name {name!r} must be a non-empty string on one line")
+    if len(set(classes)) != len(classes):
+        twice = sorted({c for c in classes if classes.count(c) > 1})[:3]
+        raise error(f"{source}: class names {twice} appear more than once")
+    return classes
+
+
+def check_model_meta(meta, source, num_outputs: int | None = None, error: type[MlicError] = CheckpointError) -> dict:
+    """Check a model description (``model.json``, ONNX metadata) before anything is allocated from it.
+
+    Args:
+        meta: the parsed description: ``classes``, ``thresholds`` and, for model.json, ``model``.
+        source: the file, named in every message.
+        num_outputs: the model's output count where known (ONNX); else ``meta["model"]["num_classes"]``.
+        error: the error class to raise.
+
+    Raises:
+        ``error``: one line naming the file and the field that is wrong.
+    """
+    if not isinstance(meta, dict):
+        raise error(f"{source}: not an mlic model description (a JSON object with model, classes, thresholds)")
+    classes = check_class_names(meta.get("classes"), source, error)
+    if num_outputs is None and "model" in meta:
+        num_outputs = meta["model"].get("num_classes") if isinstance(meta["model"], dict) else None
+    if num_outputs is not None and num_outputs != len(classes):
+        raise error(f"{source}: {len(classes)} class names for a model with {num_outputs} outputs; the file is "
+                    "damaged or was edited - use the file the model was saved with")
+    thresholds = meta.get("thresholds")
+    if thresholds is not None:
+        ok = isinstance(thresholds, list) and len(thresholds) == len(classes) and all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t <= 1 for t in thresholds)
+        if not ok:
+            raise error(f"{source}: 'thresholds' must be {len(classes)} numbers from 0 to 1, one per class")
+    return meta
 
 
 def read_model_meta(directory: str | Path) -> dict:
@@ -66,12 +116,17 @@ def read_model_meta(directory: str | Path) -> dict:
                               "an official Query2Label folder (checkpoint.pkl + config_new.json) or an official "
                               "ML-Decoder .pth file")
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{meta_path}: not valid JSON ({str(e).splitlines()[0][:80]}); the file is damaged - "
+                              "use the model folder as mlic wrote it") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise CheckpointError(f"{meta_path}: not an mlic model description (no 'model' section)")
+    try:
         ModelConfig.from_dict(meta["model"])
-        meta["classes"]
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{meta_path}: not an mlic model description ({e})") from None
-    return meta
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{meta_path}: its 'model' section is not a model config ({str(e)[:160]})") from None
+    return check_model_meta(meta, meta_path)
 
 
 def load_official(path: Path) -> tuple[torch.nn.Module, dict]:
@@ -103,14 +158,49 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
         return model.to(device).eval(), meta
     meta = read_model_meta(directory)
     config = ModelConfig.from_dict(meta["model"])
-    model = build_model(config)
     weights = directory / "model.safetensors"
+    shapes, weights_meta = read_safetensors_header(weights)
+    if meta.get("weights_id") and weights_meta.get(WRITE_ID) != meta["weights_id"]:
+        raise CheckpointError(f"{directory}: model.safetensors and model.json are from two different saves (one was "
+                              "interrupted); rerun or --resume the training that writes this folder")
+    described = f"the model in {directory / 'model.json'}"
+    try:
+        with torch.device("meta"):  # the shapes the description implies, before any memory is allocated
+            skeleton = build_model(config)
+    except MlicError as e:
+        raise CheckpointError(f"{directory / 'model.json'}: {e}") from None
+    except Exception:  # noqa: BLE001 - some timm models cannot be built on the meta device; build for real below
+        skeleton = None
+    if skeleton is not None:
+        check_state_dict(shapes, skeleton, weights, described, error=CheckpointError)
+    try:
+        model = build_model(config)
+    except MlicError as e:
+        raise CheckpointError(f"{directory / 'model.json'}: {e}") from None
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{directory / 'model.json'}: the model it describes cannot be built "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
     try:
         state = load_file(str(weights))
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{weights}: cannot read weights ({e}); the run may not have finished an epoch") from None
-    model.load_state_dict(check_state_dict(state, model, weights, "the model in model.json", error=CheckpointError))
+    model.load_state_dict(check_state_dict(state, model, weights, described, error=CheckpointError))
     return model.to(device).eval(), meta
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of a safetensors file as meta tensors (shapes only, nothing read) and its metadata."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+            return shapes, dict(f.metadata() or {})
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found; the run may not have finished an epoch") from None
+    except Exception as e:  # noqa: BLE001 - any decoding failure becomes one line
+        raise CheckpointError(f"{path}: cannot read weights ({type(e).__name__}: {str(e)[:120]}); the run may not "
+                              "have finished an epoch") from None
 
 
 def save_state(path: str | Path, state: dict) -> None:
@@ -128,32 +218,68 @@ def load_state(path: str | Path) -> dict:
         raise CheckpointError(f"{e}; delete it to start the run over") from None
 
 
-def claim_run_dir(out: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
-    """Make ``out`` ready for a run: refuse to train over an earlier run by surprise, prove it is writable.
+MANIFEST = ".mlic-run.json"
+"""Which of :data:`RUN_FILES` the run in a folder wrote: what ``--overwrite`` may remove, and nothing else."""
 
-    A folder that holds a run (model.json, last.pt or metrics.jsonl) is continued with ``resume``, or
-    cleared of the run's files (:data:`RUN_FILES`, nothing else) with ``overwrite``; otherwise refused.
+
+def read_manifest(out: Path) -> set[str] | None:
+    """The names the run in ``out`` owns, or None for a folder without a manifest."""
+    try:
+        names = json.loads((out / MANIFEST).read_bytes())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    # plain names only: a tampered manifest must not point --overwrite outside the folder
+    return {n for n in names if isinstance(n, str) and n and "/" not in n and "\\" not in n and not n.startswith(".")}
+
+
+def claim_run_dir(out: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
+    """Make ``out`` ready for a run: one writer, no earlier run replaced by surprise, no user file touched.
+
+    Takes the folder's one-writer lock (held until the process ends), removes the temporary files of
+    killed writes, and records in ``.mlic-run.json`` which of :data:`RUN_FILES` this run writes. A folder
+    that holds a run (model.json, last.pt or metrics.jsonl) is continued with ``resume``, or cleared with
+    ``overwrite`` of the files its manifest lists (nothing else). A file or folder that a run would write
+    but that no run of mlic wrote (a user's ``features/``) is never replaced: the claim is refused.
 
     Raises:
-        CheckpointError: ``out`` holds a run and neither option was given (the message names both).
+        CheckpointError: ``out`` holds a run and neither option was given, or holds a foreign entry.
+        OutputError: another process is writing ``out`` (the message names it).
         OSError: ``out`` cannot be created or written (checked with a real write, before any training).
     """
     import shutil
 
+    from mlic.io import remove_stale_all
+    from mlic.outputs import lock_folder
+
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out}: --out is a file; give a folder for the run")
-    holds_run = any((out / name).exists() for name in ("model.json", "last.pt", "metrics.jsonl"))
     if resume and overwrite:
         raise CheckpointError("--resume and --overwrite contradict each other; choose one")
-    if holds_run and not resume:
-        if not overwrite:
-            raise CheckpointError(f"{out}: holds a run already; continue it with --resume, replace it with "
-                                  "--overwrite, or choose another --out")
-        for name in RUN_FILES:
+    check_writable(out, "--out")
+    lock_folder(out)
+    for folder in (out, out / "linear"):
+        remove_stale_all(folder)
+    holds_run = any((out / name).exists() for name in ("model.json", "last.pt", "metrics.jsonl"))
+    owned = read_manifest(out)
+    if holds_run and not resume and not overwrite:
+        raise CheckpointError(f"{out}: holds a run already; continue it with --resume, replace it with "
+                              "--overwrite, or choose another --out")
+    if owned is None and holds_run:  # a run from before manifests: its files are the run's, folders unknown
+        owned = {n for n in RUN_FILES if (out / n).is_file() or (resume and (out / n).exists())}
+    owned = owned or set()
+    if overwrite and holds_run:
+        for name in sorted(owned):
             target = out / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    return check_writable(out, "--out")
+            shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink(missing_ok=True)
+        owned = set()
+    foreign = [n for n in RUN_FILES if (out / n).exists() and n not in owned]
+    if foreign:
+        listed = ", ".join(n + ("/" if (out / n).is_dir() else "") for n in foreign[:3])
+        raise CheckpointError(f"{out}: holds {listed}, not written by a run of mlic, where this run would write; "
+                              "move them or choose another --out")
+    track_writes(out, MANIFEST, owned)
+    return out
 
 
 def labelset_fingerprint(labelset: LabelSet) -> str:

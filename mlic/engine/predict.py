@@ -8,6 +8,7 @@ onnxruntime, no PyTorch model needed). Both take uint8 RGB (B, 3, S, S) resized 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,29 +26,63 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 ENGINES = ("torch", "onnx")
 
 
-def list_images(inputs: list[str | Path]) -> list[Path]:
-    """Expand files and folders (recursively, sorted) into image paths; a missing input is an error."""
+def list_images(inputs: list[str | Path], unreadable: list[Path] | None = None) -> list[Path]:
+    """Expand files and folders (recursively, sorted) into image paths.
+
+    Only regular files are taken from folders (a FIFO or device named ``.jpg`` would block the reader
+    forever); a subfolder that cannot be listed is appended to ``unreadable`` (when given) instead of
+    vanishing silently. A missing input, or one that is neither a folder nor a regular file, is an error.
+    """
     paths: list[Path] = []
+    skipped = [] if unreadable is None else unreadable
     for item in map(Path, inputs):
         if item.is_dir():
-            paths += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            found = []
+            for folder, dirs, _ in os.walk(item, onerror=lambda e: skipped.append(Path(e.filename))):
+                dirs.sort()
+                with os.scandir(folder) as entries:
+                    found += [Path(e.path) for e in entries
+                              if Path(e.name).suffix.lower() in IMAGE_SUFFIXES and regular(e)]
+            paths += sorted(found)
         elif item.is_file():
             paths.append(item)
+        elif item.exists():
+            raise ImageError(f"{item}: not a regular file (a pipe, socket or device); give image files or folders")
         else:
             raise ImageError(f"{item}: no such file or folder")
     return paths
 
 
+def regular(entry: os.DirEntry) -> bool:
+    """Whether a folder entry is a regular file (following a symlink); unreadable entries are not."""
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
+
+
 def read_path_list(path: str | Path) -> list[Path]:
     """Image paths from a text file, one per line (blank lines and ``#`` comments skipped); relative
-    paths are taken relative to the list's folder."""
+    paths are taken relative to the list's folder. Names that are not valid UTF-8 are kept byte for byte."""
     path = Path(path)
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_bytes().decode("utf-8", "surrogateescape").splitlines()
     except OSError as e:
         raise ImageError(f"{path}: cannot read the path list ({e.strerror})") from None
     items = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     return [p if p.is_absolute() else path.parent / p for p in map(Path, items)]
+
+
+def unique_paths(paths: list[Path]) -> list[Path]:
+    """``paths`` without repeats, first occurrence kept; paths are compared resolved (relative = absolute)."""
+    seen: set[str] = set()
+    out = []
+    for p in paths:
+        key = str(Path(p).resolve())
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
 
 
 def paths_labelset(paths: list[str | Path]) -> LabelSet:
@@ -75,6 +110,7 @@ class TorchEngine:
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, self.meta = load_model(checkpoint, self.device)
+        self.files = model_files(Path(checkpoint))
         self.config = self.model.config
         self.img_size = self.config.img_size
         self.head = self.config.head
@@ -116,6 +152,7 @@ class OnnxEngine:
             raise ExportError(f"{path}: not a readable ONNX model ({type(e).__name__}); export one with "
                               "'mlic export onnx'") from None
         self.session, self.meta = check_session(session, path)
+        self.files = [path]
         self.img_size = self.meta["img_size"]
         self.head = self.meta["head"]
         self.model = None
@@ -125,6 +162,15 @@ class OnnxEngine:
         """uint8 (B, 3, S, S) -> sigmoid scores (B, K) float32."""
         outputs, name = self._io
         return self.session.run(outputs, {name: np.ascontiguousarray(images.numpy())})[0]
+
+
+def model_files(checkpoint: Path) -> list[Path]:
+    """The files a checkpoint is read from: a model folder's two files, an official release's, or the file."""
+    if checkpoint.is_file():
+        return [checkpoint]
+    names = ("model.safetensors", "model.json") if (checkpoint / "model.json").exists() else \
+        ("checkpoint.pkl", "config_new.json")
+    return [checkpoint / n for n in names if (checkpoint / n).is_file()]
 
 
 def open_engine(checkpoint: str | Path, engine: str | None = None, device: str | None = None):
@@ -163,6 +209,8 @@ class Predictor:
         self.classes: list[str] = list(self.meta["classes"])
         self.thresholds = np.asarray(self.meta.get("thresholds") or [0.5] * len(self.classes), dtype=np.float64)
         self.transform = build_transform(self.img_size, train=False)
+        self.files: list[Path] = self.engine.files
+        """The files the model was read from: inputs that no output may replace."""
 
     @property
     def has_attention(self) -> bool:
@@ -224,82 +272,3 @@ class Predictor:
         """Predict decoded PIL images (e.g. uploads); ``path`` is left empty."""
         scores = self.scores(images)
         return [Prediction("", s, self.labels(s, threshold, top_k)) for s in scores]
-
-
-
-def _finished_lines(path: Path) -> list[str]:
-    """Complete lines of an output file, after cutting a last line a crash left half-written."""
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        data = data[:data.rfind(b"\n") + 1]
-        with open(path, "r+b") as f:
-            f.truncate(len(data))
-    return data.decode().splitlines()
-
-
-class ResultWriter:
-    """Streams predictions to JSON lines and/or CSV as they come, flushing each batch.
-
-    JSON lines: ``{"path", "labels": [{"label", "score"}], "scores": {class: score}, "error"}`` per image.
-    CSV: ``path,labels,<one column per class>``; labels joined by ``|``; an unreadable file has the
-    error in ``labels`` and empty scores. With ``resume``, files that exist are appended to and
-    :attr:`done` holds the paths they already hold (a half-written last line is cut off first).
-    """
-
-    def __init__(self, classes: list[str], jsonl: Path | None = None, csv_path: Path | None = None,
-                 resume: bool = False) -> None:
-        import csv
-
-        self.classes = classes
-        self.files: dict[str, object] = {}
-        self.done: dict[str, set[str]] = {}
-        for kind, path in (("jsonl", jsonl), ("csv", csv_path)):
-            if path is None:
-                continue
-            path = Path(path)
-            existing = resume and path.is_file() and path.stat().st_size > 0
-            lines = _finished_lines(path) if existing else []
-            if kind == "jsonl":
-                import json
-
-                try:
-                    self.done[kind] = {json.loads(line)["path"] for line in lines if line.strip()}
-                except (ValueError, KeyError, TypeError):
-                    raise MlicError(f"{path}: not JSON lines written by mlic predict; cannot --resume it") from None
-            else:
-                rows = list(csv.reader(lines))
-                if rows and rows[0][:2] != ["path", "labels"]:
-                    raise MlicError(f"{path}: not a CSV written by mlic predict; cannot --resume it")
-                self.done[kind] = {row[0] for row in rows[1:] if row}
-            path.parent.mkdir(parents=True, exist_ok=True)
-            handle = open(path, "a" if lines else "w", newline="", encoding="utf-8")
-            self.files[kind] = handle
-            if kind == "csv":
-                self.csv = csv.writer(handle)
-                if not lines:
-                    self.csv.writerow(["path", "labels", *classes])
-
-    def skip(self, path: str) -> bool:
-        """Whether every output already holds ``path``."""
-        return bool(self.done) and all(path in done for done in self.done.values())
-
-    def write(self, predictions: list[Prediction]) -> None:
-        """Append a batch of predictions and flush."""
-        import json
-
-        for p in predictions:
-            if "jsonl" in self.files and p.path not in self.done["jsonl"]:
-                row = {"path": p.path, "labels": [{"label": c, "score": round(s, 6)} for c, s in p.labels],
-                       "scores": None if p.error else dict(zip(self.classes, (round(float(s), 6) for s in p.scores))),
-                       "error": p.error}
-                self.files["jsonl"].write(json.dumps(row) + "\n")
-            if "csv" in self.files and p.path not in self.done["csv"]:
-                labels = f"error: {p.error}" if p.error else "|".join(c for c, _ in p.labels)
-                scores = [""] * len(self.classes) if p.error else [f"{s:.6f}" for s in p.scores]
-                self.csv.writerow([p.path, labels, *scores])
-        for handle in self.files.values():
-            handle.flush()
-
-    def close(self) -> None:
-        for handle in self.files.values():
-            handle.close()

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from mlic import __version__
 from mlic.errors import MlicError
 from mlic.models.heads import Query2LabelHead
 
@@ -120,7 +121,11 @@ def write_attention_png(
     for ax in axes:
         ax.axis("off")
     fig.tight_layout()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, format="png")
+    import io
+
+    from mlic.io import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", metadata={"Software": f"mlic explain {__version__}"})  # how mlic knows its own
+    atomic_write_bytes(out_path, buffer.getvalue())
     return shown

@@ -32,6 +32,11 @@ def test_errors_name_the_file(tmp_path):
     meta = json.loads((tmp_path / "model.json").read_text())
     meta["model"]["num_classes"] = 4
     (tmp_path / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="model.json: 3 class names for a model with 4 outputs"):
+        load_model(tmp_path)
+    meta["classes"].append("d")
+    meta["thresholds"].append(0.5)
+    (tmp_path / "model.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="weights do not fit"):
         load_model(tmp_path)
     with pytest.raises(CheckpointError, match="3 class names for a model with 4"):

@@ -14,7 +14,8 @@ from mlic.cli import app
 from mlic.config import ModelConfig
 from mlic.data.labelset import LabelSet
 from mlic.engine.checkpoint import CheckpointError, save_model
-from mlic.engine.predict import Predictor, ResultWriter, read_path_list
+from mlic.engine.predict import Predictor, read_path_list
+from mlic.engine.results import ResultWriter
 from mlic.models.classifier import build_model
 
 runner = CliRunner()
@@ -128,5 +129,5 @@ def test_engine_errors_are_one_line(setup, tmp_path):
 
 def test_writer_refuses_foreign_files(tmp_path):
     (tmp_path / "other.csv").write_text("a,b\n1,2\n")
-    with pytest.raises(ValueError, match="other.csv: not a CSV written by mlic predict"):
+    with pytest.raises(ValueError, match="other.csv: exists and is not a CSV written by mlic predict"):
         ResultWriter(["x"], csv_path=tmp_path / "other.csv", resume=True)
