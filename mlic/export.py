@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import uuid
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from torch import nn
 
 from mlic import __version__
 from mlic.errors import MlicError
-from mlic.io import atomic_write_bytes, fs_error
+from mlic.io import atomic_write_bytes, fs_error, temp_dir_for
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "probabilities"
@@ -175,14 +174,16 @@ def export_onnx(model: nn.Module, meta: dict, out: str | Path, int8: bool = Fals
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         int8_path = int8_output(out)
-        # a temporary name of mlic.io's form, so that a killed export's leftover is removed by the next one
-        tmp = int8_path.with_name(f".{int8_path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+        # onnxruntime writes its intermediate files beside its input and leaves them when it fails: give it
+        # a folder of its own, named as mlic.io's temporaries are, so that a killed export's is removed too
+        tmp = temp_dir_for(int8_path)
+        (tmp / "in.onnx").symlink_to(out.resolve())
         quiet = logging.getLogger()  # onnxruntime logs advice on the root logger
         level = quiet.level
         quiet.setLevel(logging.ERROR)
         try:
-            quantize_dynamic(str(out), str(tmp), weight_type=QuantType.QInt8)
-            quantized = onnx.load(str(tmp))
+            quantize_dynamic(str(tmp / "in.onnx"), str(tmp / "out.onnx"), weight_type=QuantType.QInt8)
+            quantized = onnx.load(str(tmp / "out.onnx"))
         except OSError as e:
             raise fs_error(e, int8_path) from None
         except Exception as e:  # noqa: BLE001 - protobuf and onnxruntime fail in many ways on a full disk
@@ -191,7 +192,7 @@ def export_onnx(model: nn.Module, meta: dict, out: str | Path, int8: bool = Fals
                               f"in {int8_path.parent} (the float model {out} is complete)") from None
         finally:
             quiet.setLevel(level)
-            tmp.unlink(missing_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
         _set_metadata(quantized, {**metadata, "mlic_quantization": "onnxruntime dynamic, int8 weights"})
         data8 = quantized.SerializeToString()
         atomic_write_bytes(int8_path, data8)

@@ -133,7 +133,11 @@ def check_outputs(outputs: Iterable[Output], inputs: Iterable[str | os.PathLike]
     Raises:
         OutputError: one line naming the option, the path and what to do.
     """
+    from mlic.io import remove_stale
+
     outputs = [o for o in outputs if o.path is not None]
+    for out in outputs:  # what a killed write of the same output left behind
+        remove_stale(out.path.parent, out.path.name)
     by_name: dict[str, list[Path]] = {}
     for source in map(Path, inputs):  # compared by name first: a million images cost no million resolves
         by_name.setdefault(source.name, []).append(source)

@@ -136,3 +136,96 @@ def test_cli_export_and_predict_with_both_engines(tmp_path, traced_once):
     result = runner.invoke(app, ["export", "onnx", "--checkpoint", str(tmp_path / "nowhere"), "-o", "x.onnx"])
     assert result.exit_code == 2 and "nowhere/model.json: not found" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A folder on a tmpfs of a given size (root only): a real full disk, not a patched write."""
+    import subprocess
+
+    mounted = []
+
+    def make(size_kb: int):
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(folder)],
+                              capture_output=True)
+        if done.returncode:
+            pytest.skip("cannot mount a small tmpfs here (needs root): the full-disk case is not exercised")
+        mounted.append(folder)
+        return folder
+
+    yield make
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+def test_export_onto_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, traced_once, small_disk):
+    from typer.testing import CliRunner
+
+    from mlic.cli import app
+
+    model = traced_once
+    save_model(tmp_path / "run", model, model.config, ["w", "x", "y", "z"])
+    runner = CliRunner()
+    result = runner.invoke(app, ["export", "onnx", "--checkpoint", str(tmp_path / "run"), "-o", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 0, result.output
+    size_kb = (tmp_path / "m.onnx").stat().st_size // 1024
+    for disk_kb, name in ((size_kb // 2, "m.onnx"), (size_kb + 8, "m.int8.onnx")):
+        disk = small_disk(disk_kb)  # half the float model; then the float model but not its int8 copy
+        result = runner.invoke(app, ["export", "onnx", "--checkpoint", str(tmp_path / "run"), "-o",
+                                     str(disk / "m.onnx"), "--int8"])
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and f"{disk / name}" in errors[0], result.output
+        assert not [p.name for p in disk.iterdir() if p.name.endswith(".tmp")]
+        assert [p.name for p in disk.iterdir()] == ([] if name == "m.onnx" else ["m.onnx"])
+
+
+def test_export_never_replaces_what_it_did_not_write(tmp_path, traced_once):
+    from typer.testing import CliRunner
+
+    from mlic.cli import app
+
+    model = traced_once
+    save_model(tmp_path / "run", model, model.config, ["w", "x", "y", "z"])
+    weights = (tmp_path / "run" / "model.safetensors").read_bytes()
+    runner = CliRunner()
+    (tmp_path / "other.onnx").write_bytes(b"a user's file")
+    for target, extra, fragment in ((tmp_path / "run" / "model.safetensors", [], "must end in .onnx"),
+                                    (tmp_path / "other.onnx", [], "not an ONNX file written by mlic"),
+                                    (tmp_path / "run" / "model.json", ["--overwrite"], "must end in .onnx")):
+        result = runner.invoke(app, ["export", "onnx", "--checkpoint", str(tmp_path / "run"), "-o", str(target), *extra])
+        assert result.exit_code == 2 and fragment in result.output and "Traceback" not in result.output, result.output
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == weights
+    assert (tmp_path / "other.onnx").read_bytes() == b"a user's file"
+    result = runner.invoke(app, ["export", "onnx", "--checkpoint", str(tmp_path / "run"), "-o",
+                                 str(tmp_path / "other.onnx"), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["export", "onnx", "--checkpoint", str(tmp_path / "run"), "-o",
+                                 str(tmp_path / "other.onnx")])
+    assert result.exit_code == 0, result.output  # now mlic's own export: replaced without a word
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("mlic_classes", "[\"a\", ", "its mlic metadata is damaged"),
+    ("mlic_classes", "[\"a\", \"b\"]", "2 class names for a model with 4 outputs"),
+    ("mlic_thresholds", "[0.5]", "'thresholds' must be 4 numbers"),
+    ("mlic_img_size", "99999", "mlic_img_size 99999 is not an input size"),
+    ("mlic_classes", "[\"a\", \"a\", \"b\", \"c\"]", "appear more than once"),
+])
+def test_damaged_onnx_metadata_is_one_line(tmp_path, traced_once, key, value, fragment):
+    import onnx
+
+    from mlic.export import ExportError, export_onnx, read_onnx_metadata
+
+    model = traced_once
+    export_onnx(model, {"classes": ["w", "x", "y", "z"]}, tmp_path / "m.onnx")
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    for prop in proto.metadata_props:
+        if prop.key == key:
+            prop.value = value
+    onnx.save(proto, str(tmp_path / "m.onnx"))
+    with pytest.raises(ExportError, match="m.onnx") as err:
+        read_onnx_metadata(tmp_path / "m.onnx")
+    assert fragment in str(err.value)

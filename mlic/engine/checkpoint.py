@@ -308,6 +308,30 @@ def settings_differences(saved: dict, current: dict) -> list[str]:
     return out
 
 
+def claim_model_dir(out_dir: str | Path) -> Path:
+    """Make ``out_dir`` ready to receive a converted model: it must be new, empty or an mlic model folder.
+
+    Raises:
+        CheckpointError: ``out_dir`` is a file, or holds a model.json / model.safetensors that mlic did not write.
+    """
+    from mlic.outputs import lock_folder
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CheckpointError(f"-o {out_dir}: is a file; give a folder for the model")
+    if (out_dir / "model.json").exists():
+        try:
+            read_model_meta(out_dir)
+        except CheckpointError:
+            raise CheckpointError(f"-o {out_dir}: holds a model.json that mlic did not write; choose another "
+                                  "folder") from None
+    elif (out_dir / "model.safetensors").exists():
+        raise CheckpointError(f"-o {out_dir}: holds a model.safetensors without its model.json; choose another folder")
+    check_writable(out_dir, "-o")
+    lock_folder(out_dir, "-o")
+    return out_dir
+
+
 def convert_query2label(folder: str | Path, out_dir: str | Path, classes: list[str] | None = None) -> Path:
     """Convert an official Query2Label release folder (checkpoint.pkl + config_new.json) into an mlic model
     directory (``model.safetensors`` + ``model.json``); ``classes`` default to COCO's 80 when num_class is 80."""
@@ -315,6 +339,7 @@ def convert_query2label(folder: str | Path, out_dir: str | Path, classes: list[s
 
     folder = Path(folder)
     model, classes, config_path = load_release(folder, classes)
+    claim_model_dir(out_dir)
     extra = {"source": {"repo": "SlongLiu/query2labels", "folder": str(folder),
                         "config": read_official_config(config_path)}}
     return save_model(out_dir, model, model.config, list(classes), extra=extra)
@@ -327,5 +352,6 @@ def convert_ml_decoder(path: str | Path, out_dir: str | Path, classes: list[str]
     from mlic.models.official import load_ml_decoder
 
     model, classes = load_ml_decoder(path, classes, img_size)
+    claim_model_dir(out_dir)
     extra = {"source": {"repo": "Alibaba-MIIL/ML_Decoder", "file": str(path)}}
     return save_model(out_dir, model, model.config, classes, extra=extra)

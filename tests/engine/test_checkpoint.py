@@ -58,3 +58,104 @@ def test_state_refuses_arbitrary_objects(tmp_path):
     (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(4096))
     with pytest.raises(CheckpointError, match="random.pt: not a checkpoint"):
         load_state(tmp_path / "random.pt")
+
+
+def saved(tmp_path, name="m"):
+    cfg = ModelConfig(num_classes=3, img_size=32)
+    return save_model(tmp_path / name, build_model(cfg), cfg, ["a", "b", "c"])
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda m: m["model"].update(num_classes=10**9), "3 class names for a model with 1000000000 outputs"),
+    (lambda m: m["model"].update(backbone_args={"bogus": 1}), "cannot be built"),
+    (lambda m: m["model"].update(head_args={"bogus": 1}), "bogus"),
+    (lambda m: m.update(thresholds=[0.5, 0.5]), "'thresholds' must be 3 numbers from 0 to 1"),
+    (lambda m: m.update(thresholds="0.5"), "'thresholds' must be 3 numbers"),
+    (lambda m: m.update(thresholds=[0.5, None, 0.5]), "'thresholds' must be 3 numbers"),
+    (lambda m: m.update(thresholds=[0.5, 7, 0.5]), "'thresholds' must be 3 numbers from 0 to 1"),
+    (lambda m: m.update(classes=["a", "b"]), "2 class names for a model with 3 outputs"),
+    (lambda m: m.update(classes=["a", "b", "c", "d"]), "4 class names for a model with 3 outputs"),
+    (lambda m: m.update(classes=["a", "b\nc", "d"]), "must be a non-empty string on one line"),
+    (lambda m: m.update(classes=["a", 2, "d"]), "class name 2 must be a non-empty string"),
+    (lambda m: m.update(classes=["a", "a", "d"]), "appear more than once"),
+    (lambda m: m.update(classes="abc"), "'classes' must be a non-empty list"),
+    (lambda m: m.pop("model"), "no 'model' section"),
+    (lambda m: m["model"].update(img_size="big"), "--img-size big"),
+])
+def test_a_damaged_description_is_one_line_before_anything_is_allocated(tmp_path, edit, fragment):
+    folder = saved(tmp_path)
+    meta = json.loads((folder / "model.json").read_text())
+    edit(meta)
+    (folder / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="model.json") as err:
+        load_model(folder)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_broken_json_and_a_half_saved_pair_are_refused(tmp_path):
+    folder = saved(tmp_path)
+    good = (folder / "model.json").read_bytes()
+    (folder / "model.json").write_bytes(good[:40])
+    with pytest.raises(CheckpointError, match="model.json: not valid JSON"):
+        load_model(folder)
+    (folder / "model.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(CheckpointError, match="model.json: not valid JSON"):
+        load_model(folder)
+    (folder / "model.json").write_bytes(good)
+    other = saved(tmp_path, "other")  # a second save: new weights, as after the next best epoch
+    (folder / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="model.safetensors and model.json are from two different saves"):
+        load_model(folder)
+
+
+def test_claiming_a_folder_clears_killed_writes_and_never_leaves_it(tmp_path):
+    import os
+
+    from mlic.engine.checkpoint import claim_run_dir
+    from mlic.outputs import unlock_folder
+
+    out = tmp_path / "run"
+    out.mkdir()
+    dead = 2 ** 22 + 12345  # above the default pid_max: no live process has it
+    leftovers = [out / f".model.safetensors.{dead}-abc123.tmp", out / f".metrics.jsonl.{dead}-x_9.tmp"]
+    for path in leftovers:
+        path.write_bytes(b"half")
+    live = out / f".model.json.{os.getpid()}-zzz.tmp"  # this process's own: removed too (it is not writing it now)
+    live.write_bytes(b"x")
+    keep = out / f".model.json.1-abc.tmp"  # pid 1 is alive: another writer's, left alone
+    keep.write_bytes(b"x")
+    (out / ".mlic-run.json").write_text(json.dumps({"files": ["../outside", "/etc", "model.json"]}))
+    (tmp_path / "outside").mkdir()
+    claim_run_dir(out)
+    unlock_folder(out)
+    assert not any(p.exists() for p in leftovers) and not live.exists() and keep.exists()
+    assert (tmp_path / "outside").is_dir()
+
+
+def test_a_failed_write_names_its_file(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from mlic.io import atomic_write_bytes
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as err:
+        atomic_write_bytes(tmp_path / "model.json", b"{}")
+    assert err.value.filename == str(tmp_path / "model.json") and not list(tmp_path.iterdir())
+
+
+def test_a_converted_model_never_lands_on_a_foreign_model_json(tmp_path):
+    from mlic.engine.checkpoint import claim_model_dir
+
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "model.json").write_text('{"my": "own notes"}')
+    with pytest.raises(CheckpointError, match="holds a model.json that mlic did not write"):
+        claim_model_dir(tmp_path / "x")
+    (tmp_path / "y").mkdir()
+    (tmp_path / "y" / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="without its model.json"):
+        claim_model_dir(tmp_path / "y")
+    claim_model_dir(saved(tmp_path))  # mlic's own model folder: replaced
