@@ -78,7 +78,7 @@ def os_error_line(e: OSError) -> str:
               errno.EPERM: "choose a location you may write to, or fix its permissions",
               errno.ENOENT: "check the path"}.get(e.errno)
     reason = (e.strerror or str(e)).strip().splitlines()[0]
-    return f"{path}: {reason}" + (f"; {advice}" if advice and advice not in reason else "")
+    return (f"{path}: " if path else "") + reason + (f"; {advice}" if advice and advice not in reason else "")
 
 
 def read_class_names(path: Path) -> list[str]:
@@ -89,6 +89,29 @@ def read_class_names(path: Path) -> list[str]:
         return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except UnicodeDecodeError:
         raise MlicError(f"{path}: not a text file; --classes takes a file with one class name per line") from None
+
+
+def import_user_module(name: str) -> None:
+    """``--import``: a module name importable from sys.path (or the current folder), or a ``.py`` file."""
+    import importlib
+    import importlib.util
+
+    path = Path(name)
+    try:
+        if path.suffix == ".py":
+            if not path.is_file():
+                raise MlicError(f"--import {name}: no such file")
+            spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[path.stem] = module
+            spec.loader.exec_module(module)
+        else:
+            if "" not in sys.path:
+                sys.path.insert(0, "")
+            importlib.import_module(name)
+    except ImportError as e:
+        raise MlicError(f"--import {name}: cannot import it ({e}); give a module on the Python path or a .py "
+                        "file") from None
 
 
 def parse_kv(items: list[str] | None, option: str) -> dict:
@@ -211,81 +234,28 @@ def train(
     max_bad_images: Annotated[str, typer.Option(help="Unreadable images tolerated per split before the run "
                                                      "stops: a share (1%, 0.01) or a count (25).")] = "1%",
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+    import_: Annotated[list[str] | None, typer.Option("--import", help="Import this Python module (a name on "
+                                                      "sys.path or a .py file) first, so that the losses, heads "
+                                                      "and backbones it registers can be named (repeatable).")]
+        = None,
 ) -> None:
     """Train a classifier, keep the best epoch by validation mAP, evaluate it on test, write a report."""
-    import os
-
-    from mlic.config import ModelConfig, TrainConfig, read_recipe
-    from mlic.data.images import parse_bad_limit
-    from mlic.data.splits import training_splits
-    from mlic.engine.checkpoint import claim_run_dir
-    from mlic.engine.job import MODES, TrainJob
+    from mlic.engine import dist
+    from mlic.engine.job import make_job
     from mlic.engine.run import run
-    from mlic.errors import MlicError
 
-    recipe_sections = read_recipe(recipe) if recipe else {}
-    mode = mode or recipe_sections.get("mode") or "finetune"
-    if mode not in MODES:
-        raise MlicError(f"--mode {mode!r}: choose one of {', '.join(MODES)}")
-    if resume and out is None:
-        raise MlicError("--resume needs --out: the run folder to continue")
-    if not 0 < val_fraction < 1:
-        raise MlicError(f"--val-fraction {val_fraction}: choose a share between 0 and 1, e.g. 0.2")
-    if checkpoint_every is not None and checkpoint_every < 0:
-        raise MlicError(f"--checkpoint-every {checkpoint_every}: give minutes, 0 or more")
-    if mode == "linear":
-        ignored = {"--weight-decay": weight_decay, "--ema": ema, "--amp": amp, "--augment": augment,
-                   "--hflip/--no-hflip": hflip, "--freeze": freeze, "--resume": resume or None,
-                   "--init-from": init_from, "--checkpoint-every": checkpoint_every, "--decode-device": decode_device}
-        given = [name for name, value in ignored.items() if value is not None]
-        if given:
-            raise MlicError(f"{', '.join(given)}: not used by --mode linear (a head trained on cached features); "
-                            "drop them or use --mode finetune")
-    bad_limit = parse_bad_limit(max_bad_images)
-    echo = typer.echo if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)  # one voice under torchrun
-    model_args = dict(recipe_sections.get("model") or {})
-    train_args = dict(recipe_sections.get("train") or {})
-    linear_args = dict(recipe_sections.get("linear") or {})
-    model_args.update({k: v for k, v in {"backbone": backbone, "head": head, "img_size": img_size}.items()
-                       if v is not None})
-    model_args.setdefault("head_args", {}).update(parse_kv(head_arg, "--head-arg"))
-    cli_train = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "ema": ema,
-                 "amp": amp, "augment": augment, "hflip": hflip, "freeze": freeze, "workers": workers,
-                 "threads": threads, "seed": seed, "loss": loss, "decode_device": decode_device}
-    if mode == "linear":  # --epochs, --batch-size, --lr set the probe
-        linear_args.update({k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr}.items()
-                            if v is not None})
-    train_args.update({k: v for k, v in cli_train.items() if v is not None})
-    train_args.setdefault("loss_args", {}).update(parse_kv(loss_arg, "--loss-arg"))
-    linear_args.update(parse_kv(linear_arg, "--linear-arg"))
-    if data is None and mode != "linear":  # tuned for the 5-minute demo on 2 cores
-        train_args.setdefault("hflip", False)
-        train_args.setdefault("epochs", 15)
-        train_args.setdefault("lr", 4e-3)
-    cfg = TrainConfig.from_dict(train_args)  # impossible settings are refused here, before any work
-    if mode != "linear":
-        from mlic.data.gpu_decode import check_decode_device
-
-        check_decode_device(cfg.decode_device)  # before the run folder is claimed
-    ModelConfig.from_dict({**model_args, "num_classes": 1})
-    if linear_args:
-        from mlic.engine.linear import LinearProbeConfig
-
-        LinearProbeConfig.from_dict(linear_args)
-    out = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    if checkpoint_every is None and data is not None:
-        checkpoint_every = 10.0
-    if os.environ.get("RANK", "0") == "0":
-        claim_run_dir(out, resume=resume, overwrite=overwrite)
-    splits = training_splits(data, observe, observe_seed, val_fraction, digits_size, echo)
-    model_args["num_classes"] = splits.train.num_classes
-    model_cfg = ModelConfig.from_dict(model_args)
-    echo(f"model: {model_cfg.backbone} + {model_cfg.head} head, {model_cfg.num_classes} classes, "
-         f"{model_cfg.img_size}px; loss {cfg.loss}; mode {mode}; run folder {out}")
-    job = TrainJob(model_cfg, cfg, splits, Path(out), mode=mode, linear=linear_args,
-                   pretrained=str(pretrained) if pretrained else None, init_from=init_from, resume=resume,
-                   checkpoint_every=checkpoint_every if mode != "linear" else None, strict_images=strict_images,
-                   max_bad_images=bad_limit, progress=not quiet, log=echo)
+    for module in import_ or []:
+        import_user_module(module)
+    job = make_job(data=data, out=out, backbone=backbone, head=head, head_args=parse_kv(head_arg, "--head-arg"),
+                   img_size=img_size, pretrained=pretrained, recipe=recipe, mode=mode, loss=loss,
+                   loss_args=parse_kv(loss_arg, "--loss-arg"), observe=observe, observe_seed=observe_seed,
+                   epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, ema=ema, amp=amp,
+                   augment=augment, hflip=hflip, freeze=freeze, workers=workers, decode_device=decode_device,
+                   seed=seed, val_fraction=val_fraction, digits_size=digits_size, resume=resume, overwrite=overwrite,
+                   init_from=init_from, linear_args=parse_kv(linear_arg, "--linear-arg"),
+                   checkpoint_every=checkpoint_every, threads=threads, strict_images=strict_images,
+                   max_bad_images=max_bad_images, quiet=quiet, log=typer.echo)
+    echo, out, mode, splits = job.log, job.out, job.mode, job.splits
     try:
         result = run(job)
     except KeyboardInterrupt:
@@ -300,7 +270,7 @@ def train(
         title = f"test ({len(splits.test) - unreadable} images" + (f", {unreadable} unreadable skipped)"
                                                                    if unreadable else ")")
         print_metrics(result.test_metrics, splits.train.classes, title)
-    if os.environ.get("RANK", "0") == "0":
+    if dist.is_main_process():
         present = sorted(p.name + ("/" if p.is_dir() else "") for p in Path(out).iterdir()
                          if not p.name.startswith("."))
         echo(f"outputs: {out}/ ({', '.join(present)})")
@@ -537,32 +507,76 @@ def export_onnx_command(
 def serve(
     checkpoint: Annotated[Path, typer.Option(help="Run or model folder written by mlic, an official Query2Label "
                                                "folder, or an .onnx file from 'mlic export onnx'.")],
-    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the service to the network.")]
-        = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the service to the network (set "
+                                           "--api-key then).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port; 0 picks a free one (printed).")] = 8000,
     engine: Annotated[str | None, typer.Option(help="torch or onnx (default: from the checkpoint's file type).")]
         = None,
     max_batch: Annotated[int, typer.Option(help="Most images per forward pass; 1 turns batching off.")] = 32,
     max_wait_ms: Annotated[float, typer.Option(help="How long a request waits to share a forward pass.")] = 5.0,
     max_files: Annotated[int, typer.Option(help="Most images per request.")] = 16,
     max_upload_mb: Annotated[float, typer.Option(help="Largest request body in MB.")] = 20.0,
-    max_pixels: Annotated[int, typer.Option(help="Largest image in pixels (width x height).")] = 40_000_000,
+    max_pixels: Annotated[int, typer.Option(help="Largest image in pixels (width x height); one decode takes up to "
+                                                 "17 bytes a pixel.")] = 25_000_000,
+    decode_workers: Annotated[int, typer.Option(help="Images decoded at once; the others wait.")] = 2,
+    max_inflight_mb: Annotated[float, typer.Option(help="Most MB of request bodies held at once (503 above).")]
+        = 128.0,
+    max_connections: Annotated[int | None, typer.Option(help="Most open connections; at the cap the longest-idle "
+                                                             "one is closed (default 1000, or fewer if the "
+                                                             "open-file limit is lower).")] = None,
+    timeout_header: Annotated[float, typer.Option(help="Seconds a connection has to send a request head.")] = 10.0,
+    timeout_keep_alive: Annotated[float, typer.Option(help="Seconds an idle connection stays open after a "
+                                                           "response.")] = 5.0,
+    timeout_body: Annotated[float, typer.Option(help="Seconds a request body has to arrive in full.")] = 120.0,
+    allow_host: Annotated[list[str] | None, typer.Option(help="Without --api-key, also accept this name in the "
+                                                              "Host header (repeatable); IP addresses, localhost "
+                                                              "and --host always pass.")] = None,
     api_key: Annotated[str | None, typer.Option(envvar="MLIC_API_KEY", help="Require 'Authorization: Bearer KEY' "
                                                                             "on /v1/ routes.")] = None,
 ) -> None:
     """Serve a model over HTTP: POST /v1/predict, GET /v1/model, GET /healthz, and a web page at /."""
-    import uvicorn
+    import ipaddress
 
     from mlic.engine.predict import Predictor
-    from mlic.serve.app import ServeConfig, create_app
+    from mlic.serve.app import FILES_BESIDES_CONNECTIONS, ServeConfig, bind, create_app, raise_open_file_limit, run
 
+    if not 0 <= port <= 65535:
+        raise MlicError(f"--port {port}: give a TCP port from 1 to 65535 (or 0 for any free one)")
     config = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_upload_mb=max_upload_mb,
-                         max_pixels=max_pixels, max_files=max_files, api_key=api_key or None)
+                         max_pixels=max_pixels, max_files=max_files, decode_workers=decode_workers,
+                         max_inflight_mb=max_inflight_mb,
+                         max_connections=1000 if max_connections is None else max_connections,
+                         timeout_header=timeout_header, timeout_keep_alive=timeout_keep_alive,
+                         timeout_body=timeout_body, api_key=api_key or None, host=host,
+                         allow_hosts=list(allow_host or []))
+    config.check()
+    files = raise_open_file_limit()
+    room = files - FILES_BESIDES_CONNECTIONS - int(max_inflight_mb)  # an upload over 1 MB is spooled to a file
+    if config.max_connections > room:
+        if max_connections is not None:
+            raise MlicError(f"--max-connections {max_connections}: this process may open {files} files (ulimit -n) "
+                            f"and needs about {files - room} beside connections; give at most {max(room, 1)} or "
+                            "raise ulimit -n")
+        if room < 16:
+            raise MlicError(f"this process may open only {files} files (ulimit -n); raise it to 2048 or more")
+        config.max_connections = room
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not config.api_key:
+        typer.echo(f"warning: --host {host} without --api-key: anyone who can reach this machine can use the "
+                   "service; set --api-key KEY (or MLIC_API_KEY)", err=True)
     predictor = Predictor(checkpoint, engine=engine)
     app_ = create_app(predictor, config)
+    sock = bind(host.strip("[]"), port)
+    bound = sock.getsockname()[1]
+    shown = f"[{host.strip('[]')}]" if ":" in host else host
     typer.echo(f"serving {checkpoint} ({predictor.engine.name}, {len(predictor.classes)} classes) on "
-               f"http://{host}:{port}/ {'with' if api_key else 'without'} an API key", err=True)
-    uvicorn.run(app_, host=host, port=port, log_level="warning")
+               f"http://{shown}:{bound}/ {'with' if api_key else 'without'} an API key; requests can make it hold "
+               f"up to {config.worst_case_mb():.0f} MB above its idle size, {config.max_connections} connections",
+               err=True)
+    run(app_, config, sock)
 
 
 @app.command()

@@ -168,7 +168,8 @@ def test_export_onto_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path
     model = traced_once
     save_model(tmp_path / "run", model, model.config, ["w", "x", "y", "z"])
     runner = CliRunner()
-    result = runner.invoke(app, ["export", "onnx", "--checkpoint", str(tmp_path / "run"), "-o", str(tmp_path / "m.onnx")])
+    result = runner.invoke(app, ["export", "onnx", "--checkpoint", str(tmp_path / "run"), "-o",
+                                 str(tmp_path / "m.onnx")])
     assert result.exit_code == 0, result.output
     size_kb = (tmp_path / "m.onnx").stat().st_size // 1024
     for disk_kb, name in ((size_kb // 2, "m.onnx"), (size_kb + 8, "m.int8.onnx")):
@@ -195,7 +196,8 @@ def test_export_never_replaces_what_it_did_not_write(tmp_path, traced_once):
     for target, extra, fragment in ((tmp_path / "run" / "model.safetensors", [], "must end in .onnx"),
                                     (tmp_path / "other.onnx", [], "not an ONNX file written by mlic"),
                                     (tmp_path / "run" / "model.json", ["--overwrite"], "must end in .onnx")):
-        result = runner.invoke(app, ["export", "onnx", "--checkpoint", str(tmp_path / "run"), "-o", str(target), *extra])
+        result = runner.invoke(app, ["export", "onnx", "--checkpoint", str(tmp_path / "run"), "-o", str(target),
+                                     *extra])
         assert result.exit_code == 2 and fragment in result.output and "Traceback" not in result.output, result.output
     assert (tmp_path / "run" / "model.safetensors").read_bytes() == weights
     assert (tmp_path / "other.onnx").read_bytes() == b"a user's file"

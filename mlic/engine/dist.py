@@ -17,13 +17,39 @@ class DistError(MlicError):
 
 def _place() -> tuple[int, int, int] | None:
     """(rank, world, local rank) from torchrun's variables, else from srun's (SLURM_PROCID, SLURM_NTASKS,
-    SLURM_LOCALID, with MASTER_ADDR / MASTER_PORT set by the batch script); None for a single process."""
+    SLURM_LOCALID); None for a single process.
+
+    Under srun without MASTER_ADDR / MASTER_PORT, the rendezvous is the node srun was launched from
+    (``SLURM_LAUNCH_NODE_IPADDR``) on a port derived from the job id, as Lightning's SLURM support does, so
+    that ``srun python -m mlic train`` is one DDP run, not N copies.
+    """
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1 and "MASTER_ADDR" in env:
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
+        if "MASTER_ADDR" not in env and "SLURM_LAUNCH_NODE_IPADDR" in env:
+            env["MASTER_ADDR"] = env["SLURM_LAUNCH_NODE_IPADDR"]
+        if "MASTER_PORT" not in env:
+            env["MASTER_PORT"] = str(15000 + int(env.get("SLURM_JOB_ID", "0") or 0) % 20000)
         return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
     return None
+
+
+def rank() -> int:
+    """This process's global rank, before or after the process group is joined (0 for a single process).
+
+    The one place that reads torchrun's and srun's variables for it: the CLI, the shards and the engine
+    all ask here, so that exactly one process claims the run folder, writes and prints.
+    """
+    if dist.is_initialized():
+        return dist.get_rank()
+    place = _place()
+    return 0 if place is None else place[0]
+
+
+def is_main_process() -> bool:
+    """Whether this process is global rank 0: the one that writes and prints."""
+    return rank() == 0
 
 
 def init_distributed() -> tuple[int, int, torch.device]:

@@ -68,3 +68,105 @@ class RunResult:
     """(N, K) test scores, NaN rows for unreadable images."""
     seconds: float = 0.0
     """Wall-clock time of the training."""
+
+
+def make_job(
+    data: str | Path | None = None, out: str | Path | None = None, backbone: str | None = None,
+    head: str | None = None, head_args: dict | None = None, img_size: int | None = None,
+    pretrained: str | Path | None = None, recipe: str | Path | None = None, mode: str | None = None,
+    loss: str | None = None, loss_args: dict | None = None, observe: str | None = None, observe_seed: int = 1200,
+    epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
+    weight_decay: float | None = None, ema: float | None = None, amp: str | None = None, augment: str | None = None,
+    hflip: bool | None = None, freeze: list[str] | None = None, workers: int | None = None,
+    decode_device: str | None = None, seed: int | None = None, val_fraction: float = 0.2,
+    digits_size: str | None = None, resume: bool = False, overwrite: bool = False,
+    init_from: str | Path | None = None, linear_args: dict | None = None, checkpoint_every: float | None = None,
+    threads: int | None = None, strict_images: bool = False, max_bad_images: str | float = "1%",
+    quiet: bool = False, log: Callable = print,
+) -> TrainJob:
+    """The job ``mlic train`` runs, from its options: what the CLI and :func:`mlic.train` both call.
+
+    Every argument is the ``mlic train`` option of the same name (``--head-arg`` / ``--loss-arg`` /
+    ``--linear-arg`` as dicts) with the same default. Here live the decisions below the command line: a
+    recipe's sections under the options given, the MultiDigits demo's settings when no ``data`` is given,
+    the linear phase's settings, impossible settings refused before any work, and the run folder claimed
+    (its lock taken, on rank 0 only).
+
+    Raises:
+        MlicError: an impossible or contradictory setting, or a run folder that cannot be claimed; one line.
+    """
+    import time
+
+    from mlic.config import read_recipe
+    from mlic.data.images import parse_bad_limit
+    from mlic.data.splits import training_splits
+    from mlic.engine import dist
+    from mlic.engine.checkpoint import claim_run_dir
+    from mlic.errors import MlicError
+
+    recipe_sections = read_recipe(recipe) if recipe else {}
+    mode = mode or recipe_sections.get("mode") or "finetune"
+    if mode not in MODES:
+        raise MlicError(f"--mode {mode!r}: choose one of {', '.join(MODES)}")
+    if resume and out is None:
+        raise MlicError("--resume needs --out: the run folder to continue")
+    if not 0 < val_fraction < 1:
+        raise MlicError(f"--val-fraction {val_fraction}: choose a share between 0 and 1, e.g. 0.2")
+    if checkpoint_every is not None and checkpoint_every < 0:
+        raise MlicError(f"--checkpoint-every {checkpoint_every}: give minutes, 0 or more")
+    if mode == "linear":
+        ignored = {"--weight-decay": weight_decay, "--ema": ema, "--amp": amp, "--augment": augment,
+                   "--hflip/--no-hflip": hflip, "--freeze": freeze, "--resume": resume or None,
+                   "--init-from": init_from, "--checkpoint-every": checkpoint_every, "--decode-device": decode_device}
+        given = [name for name, value in ignored.items() if value is not None]
+        if given:
+            raise MlicError(f"{', '.join(given)}: not used by --mode linear (a head trained on cached features); "
+                            "drop them or use --mode finetune")
+    bad_limit = parse_bad_limit(max_bad_images) if isinstance(max_bad_images, str) else float(max_bad_images)
+    main = dist.is_main_process()
+    echo = log if main else (lambda *a, **k: None)  # one voice under torchrun or srun
+    model_args = dict(recipe_sections.get("model") or {})
+    train_args = dict(recipe_sections.get("train") or {})
+    linear = dict(recipe_sections.get("linear") or {})
+    model_args.update({k: v for k, v in {"backbone": backbone, "head": head, "img_size": img_size}.items()
+                       if v is not None})
+    model_args.setdefault("head_args", {}).update(head_args or {})
+    given_train = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "ema": ema,
+                   "amp": amp, "augment": augment, "hflip": hflip, "freeze": freeze, "workers": workers,
+                   "threads": threads, "seed": seed, "loss": loss, "decode_device": decode_device}
+    if mode == "linear":  # epochs, batch size and lr set the probe
+        linear.update({k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr}.items()
+                       if v is not None})
+    train_args.update({k: v for k, v in given_train.items() if v is not None})
+    train_args.setdefault("loss_args", {}).update(loss_args or {})
+    linear.update(linear_args or {})
+    if data is None and mode != "linear":  # tuned for the 5-minute demo on 2 cores
+        train_args.setdefault("hflip", False)
+        train_args.setdefault("epochs", 15)
+        train_args.setdefault("lr", 4e-3)
+    train_cfg = TrainConfig.from_dict(train_args)  # impossible settings are refused here, before any work
+    if mode != "linear":
+        from mlic.data.gpu_decode import check_decode_device
+
+        check_decode_device(train_cfg.decode_device)  # before the run folder is claimed
+    ModelConfig.from_dict({**model_args, "num_classes": 1})
+    if linear:
+        from mlic.engine.linear import LinearProbeConfig
+
+        LinearProbeConfig.from_dict(linear)
+    out = Path(out) if out is not None else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    if checkpoint_every is None and data is not None:
+        checkpoint_every = 10.0
+    if main:
+        claim_run_dir(out, resume=resume, overwrite=overwrite)
+    splits = training_splits(Path(data) if data is not None else None, observe, observe_seed, val_fraction,
+                             digits_size, echo)
+    model_args["num_classes"] = splits.train.num_classes
+    model_cfg = ModelConfig.from_dict(model_args)
+    echo(f"model: {model_cfg.backbone} + {model_cfg.head} head, {model_cfg.num_classes} classes, "
+         f"{model_cfg.img_size}px; loss {train_cfg.loss}; mode {mode}; run folder {out}")
+    return TrainJob(model_cfg, train_cfg, splits, out, mode=mode, linear=linear,
+                    pretrained=str(pretrained) if pretrained else None,
+                    init_from=Path(init_from) if init_from is not None else None, resume=resume,
+                    checkpoint_every=checkpoint_every if mode != "linear" else None, strict_images=strict_images,
+                    max_bad_images=bad_limit, progress=not quiet, log=echo)

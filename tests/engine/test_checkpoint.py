@@ -122,7 +122,7 @@ def test_claiming_a_folder_clears_killed_writes_and_never_leaves_it(tmp_path):
         path.write_bytes(b"half")
     live = out / f".model.json.{os.getpid()}-zzz.tmp"  # this process's own: removed too (it is not writing it now)
     live.write_bytes(b"x")
-    keep = out / f".model.json.1-abc.tmp"  # pid 1 is alive: another writer's, left alone
+    keep = out / ".model.json.1-abc.tmp"  # pid 1 is alive: another writer's, left alone
     keep.write_bytes(b"x")
     (out / ".mlic-run.json").write_text(json.dumps({"files": ["../outside", "/etc", "model.json"]}))
     (tmp_path / "outside").mkdir()

@@ -100,7 +100,8 @@ def test_two_nodes_from_shards_kill_one_node_then_resume(digit_shards, tmp_path)
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     assert json.loads((out / "test_metrics.json").read_text())["mAP"] > 0
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no stray temporary files
+    hidden = sorted(p.name for p in out.iterdir() if p.name.startswith("."))
+    assert hidden == [".mlic-run.json", ".mlic.lock"]  # the run's manifest and lock; no stray temporary files
 
 
 def test_unreachable_rendezvous_is_one_line_naming_host_and_port(monkeypatch):

@@ -85,7 +85,8 @@ def test_odd_names_are_written_once_and_resume_to_the_same_rows(models, tmp_path
 
 def test_a_record_cut_by_a_crash_is_dropped_and_rewritten(models, tmp_path):
     out = tmp_path / "p.csv"
-    assert run("predict", models / "imgs", "--checkpoint", models / "run0", "--csv", out, "--workers", "0").exit_code == 0
+    result = run("predict", models / "imgs", "--checkpoint", models / "run0", "--csv", out, "--workers", "0")
+    assert result.exit_code == 0, result.output
     full = out.read_bytes()
     cut = full.index(b"line\nbreak") + 6  # a crash in the middle of the quoted path with a newline
     out.write_bytes(full[:cut])
