@@ -375,10 +375,10 @@ def open_data(path: str | os.PathLike) -> dict[str, ShardIndex]:
 
 
 def _distributed() -> tuple[int, int]:
-    """(rank, world size): torch.distributed's when initialised, else torchrun's RANK / WORLD_SIZE, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    """(rank, world size) as :func:`mlic.engine.dist.world` reads them (torchrun's or srun's)."""
+    from mlic.engine.dist import world
+
+    return world()
 
 
 class ShardDataset(IterableDataset):

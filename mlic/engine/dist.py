@@ -19,20 +19,33 @@ def _place() -> tuple[int, int, int] | None:
     """(rank, world, local rank) from torchrun's variables, else from srun's (SLURM_PROCID, SLURM_NTASKS,
     SLURM_LOCALID); None for a single process.
 
-    Under srun without MASTER_ADDR / MASTER_PORT, the rendezvous is the node srun was launched from
-    (``SLURM_LAUNCH_NODE_IPADDR``) on a port derived from the job id, as Lightning's SLURM support does, so
-    that ``srun python -m mlic train`` is one DDP run, not N copies.
+    A task that srun started itself (``SLURM_STEP_NUM_TASKS`` > 1) without MASTER_ADDR / MASTER_PORT meets
+    the others at the node srun was launched from (``SLURM_LAUNCH_NODE_IPADDR``), on a port derived from the
+    job id, so that ``srun python -m mlic train`` is one DDP run, not N copies. A batch script run by
+    sbatch carries SLURM_NTASKS but no step variables: it stays a single process.
     """
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
-        if "MASTER_ADDR" not in env and "SLURM_LAUNCH_NODE_IPADDR" in env:
-            env["MASTER_ADDR"] = env["SLURM_LAUNCH_NODE_IPADDR"]
-        if "MASTER_PORT" not in env:
-            env["MASTER_PORT"] = str(15000 + int(env.get("SLURM_JOB_ID", "0") or 0) % 20000)
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    if "SLURM_PROCID" not in env:
+        return None
+    where = int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0))
+    if int(env.get("SLURM_NTASKS", 1)) > 1 and "MASTER_ADDR" in env:
+        return where[0], int(env["SLURM_NTASKS"]), where[1]
+    step_tasks = int(env.get("SLURM_STEP_NUM_TASKS", 1))
+    if step_tasks > 1 and "SLURM_LAUNCH_NODE_IPADDR" in env:
+        env.setdefault("MASTER_ADDR", env["SLURM_LAUNCH_NODE_IPADDR"])
+        env.setdefault("MASTER_PORT", str(15000 + int(env.get("SLURM_JOB_ID", "0") or 0) % 20000))
+        return where[0], step_tasks, where[1]
     return None
+
+
+def world() -> tuple[int, int]:
+    """(global rank, world size), before or after the process group is joined ((0, 1) for a single process)."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    place = _place()
+    return (0, 1) if place is None else place[:2]
 
 
 def rank() -> int:
@@ -41,10 +54,7 @@ def rank() -> int:
     The one place that reads torchrun's and srun's variables for it: the CLI, the shards and the engine
     all ask here, so that exactly one process claims the run folder, writes and prints.
     """
-    if dist.is_initialized():
-        return dist.get_rank()
-    place = _place()
-    return 0 if place is None else place[0]
+    return world()[0]
 
 
 def is_main_process() -> bool:

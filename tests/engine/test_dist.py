@@ -127,7 +127,15 @@ def test_place_from_torchrun_then_srun_variables(monkeypatch):
     monkeypatch.setenv("SLURM_PROCID", "5")
     monkeypatch.setenv("SLURM_NTASKS", "8")
     monkeypatch.setenv("SLURM_LOCALID", "1")
-    assert _place() is None  # srun without MASTER_ADDR: not a job of ours to join
+    assert _place() is None  # sbatch's script itself (no step variables, no MASTER_ADDR): one process
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "8")
+    monkeypatch.setenv("SLURM_LAUNCH_NODE_IPADDR", "10.1.2.3")
+    monkeypatch.setenv("SLURM_JOB_ID", "777")
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    assert _place() == (5, 8, 1)  # a task srun started: the rendezvous is srun's launch node
+    assert os.environ["MASTER_ADDR"] == "10.1.2.3" and os.environ["MASTER_PORT"] == "15777"
+    monkeypatch.delenv("SLURM_STEP_NUM_TASKS")
+    monkeypatch.delenv("MASTER_ADDR")
     monkeypatch.setenv("MASTER_ADDR", "node001")
     assert _place() == (5, 8, 1)
     monkeypatch.setenv("RANK", "2")
@@ -136,3 +144,24 @@ def test_place_from_torchrun_then_srun_variables(monkeypatch):
     monkeypatch.setenv("SLURM_NTASKS", "1")
     monkeypatch.delenv("RANK")
     assert _place() is None
+
+
+def test_srun_alone_is_one_run_that_global_rank_0_writes_and_prints(tmp_path):
+    """`srun -n 2 python -m mlic train` without torchrun: the two tasks see only SLURM's variables (no RANK, no
+    MASTER_ADDR; a free MASTER_PORT, as the job-id port may be taken here); they join one DDP run at srun's
+    launch node, and task 0 alone claims --out, writes, prints."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                           "MASTER_PORT")}
+    env.update(MLIC_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2",
+               SLURM_LAUNCH_NODE_IPADDR="127.0.0.1", SLURM_JOB_ID="1", MASTER_PORT=str(free_port()))
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "mlic", "train", "--digits-size", "128,32,32", "--img-size", "32", "--epochs", "2",
+            "--workers", "0", "--out", str(out), "--quiet"]
+    tasks = [subprocess.Popen(args, env={**env, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [t.communicate(timeout=300) for t in tasks]
+    assert [t.returncode for t in tasks] == [0, 0], "\n".join(err[-2000:] for _, err in outputs)
+    assert outputs[0][0].count("trained in") == 1 and outputs[1][0] == ""  # task 1 says nothing
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".mlic-run.json", ".mlic.lock"]
