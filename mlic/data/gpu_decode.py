@@ -27,9 +27,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from mlic.data.images import ImageError, _draft_scale, _reading, decode_image, read_image
+from mlic.data.images import ImageError, _draft_scale, _reading, decode_image, open_image, read_image
 from mlic.errors import MlicError
 
 try:  # as in mlic.data.images: torchvision may one day drop its decoders
@@ -77,11 +76,12 @@ def read_encoded(path: str | Path, transform, decode_size: int | None = None,
         An :class:`EncodedJpeg` for an RGB or grey JPEG; for any other file, ``read_image``'s uint8 (3, S, S).
 
     Raises:
-        ImageError: the file is missing, not an image, or a decompression bomb (the message starts with the path);
-            for a file handed on, a corrupt body is found by :func:`decode_batch`.
+        ImageError: the file is missing, not an image in one of :data:`mlic.data.images.FORMATS`, or a decompression
+            bomb (the message starts with the path); for a file handed on, a corrupt body is found by
+            :func:`decode_batch`.
     """
     with _reading(path):  # opened as read_image opens it, so that a bad file gets the very same message
-        with Image.open(path if data is None else io.BytesIO(data)) as img:  # the header; refuses decompression bombs
+        with open_image(path if data is None else io.BytesIO(data), path) as img:  # the header; refuses bombs
             jpeg = img.format == "JPEG" and img.mode in ("RGB", "L")
             orientation = img.getexif().get(EXIF_ORIENTATION, 1) if jpeg else 1
         raw = Path(path).read_bytes() if data is None else data

@@ -10,6 +10,10 @@ its path: :class:`ImageDataset` yields ``None`` for it and :func:`collate` drops
 the message; :class:`BadImageCheck` counts them per split and stops a run past ``--max-bad-images``
 (or at the first with ``--strict-images``). :func:`read_image` is the one path from a file to a model
 input that training, evaluation, feature extraction and prediction share.
+
+Only the formats in :data:`FORMATS` are decoded (:func:`open_image`, which every decoder here, the GPU path
+and the HTTP service open files with): PIL knows nearly forty more, some handed to outside programs (EPS to
+Ghostscript), and none of them is a format anyone trains on; a file in one of them is an unreadable image.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torchvision.transforms import v2
 
@@ -40,6 +44,71 @@ class ImageError(MlicError):
     """An image cannot be read; the message names the file."""
 
 
+class FormatError(ImageError):
+    """A file that is not in one of :data:`FORMATS` (whether PIL could read it or not); the message names the file."""
+
+
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+"""The image formats mlic decodes, as PIL names them; everything else is refused before any of it is parsed."""
+
+FORMAT_NAMES = "JPEG, PNG, WebP, BMP, GIF, TIFF"
+""":data:`FORMATS` as the messages and the docs spell them."""
+
+
+def sniff_format(prefix: bytes, name: str | Path | None = None) -> str | None:
+    """The PIL format of a file from the plugins' signature checks on its first bytes alone (nothing is parsed).
+
+    Args:
+        prefix: the file's first 16 bytes (or more).
+        name: the file's name: its extension's format wins when that format's signature check passes or it has
+            none (TGA has none, and a TGA can start like a CUR).
+
+    Returns:
+        The PIL format name, or None when no signature matches and the extension says nothing.
+    """
+    Image.init()
+    by_extension = Image.registered_extensions().get(Path(str(name)).suffix.lower()) if name is not None else None
+    if by_extension in Image.OPEN:
+        accept = Image.OPEN[by_extension][1]
+        if accept is None or accept(prefix[:16]):
+            return by_extension
+    for kind in Image.ID:
+        accept = Image.OPEN[kind][1]
+        if accept is not None and accept(prefix[:16]):
+            return kind
+    return None
+
+
+def open_image(source, name: str | Path | None = None) -> Image.Image:
+    """``PIL.Image.open`` limited to :data:`FORMATS`: reads the header only (a decompression bomb raises here).
+
+    Args:
+        source: a path or a binary file object (seekable).
+        name: what messages call the file (default ``source``).
+
+    Raises:
+        FormatError: the file is in another format (the message names it when its signature is known) or in none.
+        Exception: whatever PIL raises for a file of an allowed format with a corrupt header.
+    """
+    try:
+        return Image.open(source, formats=FORMATS)
+    except UnidentifiedImageError:
+        if isinstance(source, (str, Path)):
+            with open(source, "rb") as f:
+                prefix = f.read(16)
+        else:
+            source.seek(0)
+            prefix = source.read(16)
+        name = source if name is None else name
+        kind = sniff_format(prefix, name if isinstance(name, (str, Path)) else None)
+        if kind in FORMATS:  # an allowed format that its plugin refuses: a corrupt file
+            raise
+        if kind is None:
+            raise FormatError(f"{name}: cannot decode image: not in a format mlic reads ({FORMAT_NAMES})") from None
+        raise FormatError(f"{name}: {kind} file, not a format mlic reads ({FORMAT_NAMES}); convert it to one of "
+                          "them") from None
+
+
 @contextlib.contextmanager
 def _reading(path: str | Path):
     """Turn whatever decoding a file raises into one ImageError naming the file."""
@@ -50,6 +119,8 @@ def _reading(path: str | Path):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)  # torchvision's, once per call
             yield
+    except ImageError:
+        raise
     except FileNotFoundError:
         raise ImageError(f"{path}: image not found") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -94,11 +165,101 @@ def load_image(path: str | Path, min_size: int | None = None, data: bytes | None
         data: the file's bytes, already read (e.g. from a shard); ``path`` then only names them in messages.
 
     Raises:
-        ImageError: missing, truncated or undecodable file, or more pixels than ``PIL.Image.MAX_IMAGE_PIXELS``
-            (a decompression bomb); the message starts with the path.
+        ImageError: missing, truncated or undecodable file, a format not in :data:`FORMATS`, or more pixels than
+            ``PIL.Image.MAX_IMAGE_PIXELS`` (a decompression bomb); the message starts with the path.
     """
     with _reading(path):
-        return _decode_pil(Image.open(path if data is None else io.BytesIO(data)), min_size)
+        return _decode_pil(open_image(path if data is None else io.BytesIO(data), path), min_size)
+
+
+ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_90}
+"""EXIF orientation -> the transpose that makes the image upright (what ``ImageOps.exif_transpose`` applies)."""
+
+
+def webp_size(prefix: bytes) -> tuple[int, int] | None:
+    """The canvas size a WebP file's first 30 bytes declare (None for anything else): PIL allocates a WebP's
+    whole canvas when it opens the file, so a pixel limit has to be applied before that."""
+    if len(prefix) < 30 or prefix[:4] != b"RIFF" or prefix[8:12] != b"WEBP":
+        return None
+    chunk = prefix[12:16]
+    if chunk == b"VP8 " and prefix[23:26] == b"\x9d\x01\x2a":
+        return int.from_bytes(prefix[26:28], "little") & 0x3FFF, int.from_bytes(prefix[28:30], "little") & 0x3FFF
+    if chunk == b"VP8X":
+        return int.from_bytes(prefix[24:27], "little") + 1, int.from_bytes(prefix[27:30], "little") + 1
+    if chunk == b"VP8L" and prefix[20] == 0x2F:
+        bits = int.from_bytes(prefix[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    return None
+
+
+def load_reduced(path: str | Path, size: int, max_pixels: int, data: bytes | None = None) -> tuple[Image.Image, int]:
+    """Decode an image for a square ``size`` x ``size`` resize (no crop, as the eval transform does) with as
+    little memory as the format allows; what the HTTP service decodes uploads with.
+
+    The pixel limit is applied to the header before anything is decoded (for WebP before PIL opens it). JPEGs are
+    decoded at a reduced DCT scale (:func:`load_image`'s rule); any image still over ``DRAFT_MARGIN`` x ``size``
+    along an axis is box-reduced right after decoding, along each axis on its own (so a 100000 x 250 strip
+    shrinks too), before EXIF orientation and the RGB conversion, so those copies are small. The peak is the
+    decoded image (4 bytes a pixel in PIL, whatever the mode) and what its decoder holds beside it; the docs'
+    table of measurements is in ``docs/deploy.md``.
+
+    Args:
+        path: image file, or what ``data`` is called in messages.
+        size: the square side the image will be resized to.
+        max_pixels: most pixels (width x height) accepted.
+        data: the file's bytes (default: read ``path``).
+
+    Returns:
+        An 8-bit RGB image, upright, no side over about 2 x ``DRAFT_MARGIN`` x ``size`` (or the file's own), and
+        the file's pixel count (width x height of its header), for the caller's memory bookkeeping.
+
+    Raises:
+        FormatError: not in :data:`FORMATS`.
+        ImageError: over ``max_pixels``, truncated, corrupt, or a decompression bomb; the message starts with
+            ``path``.
+    """
+    with _reading(path):
+        source = Path(path).open("rb") if data is None else io.BytesIO(data)
+        with source:
+            declared = webp_size(source.read(30))
+            source.seek(0)
+            if declared is not None and declared[0] * declared[1] > max_pixels:
+                raise ImageError(_over_limit(path, declared, max_pixels))
+            img = open_image(source, path)
+            pixels = img.size[0] * img.size[1]
+            if pixels > max_pixels:
+                img.close()
+                raise ImageError(_over_limit(path, img.size, max_pixels))
+            scale = _draft_scale(img.size, size) if img.format == "JPEG" else 1
+            if scale > 1:
+                img.draft("RGB", (img.size[0] // scale, img.size[1] // scale))
+            img.load()
+        orientation = img.getexif().get(0x0112, 1)
+        factors = (max(img.size[0] // (DRAFT_MARGIN * size), 1), max(img.size[1] // (DRAFT_MARGIN * size), 1))
+        if factors != (1, 1):
+            small = _reducible(img).reduce(factors)
+            img.close()  # frees the full-size pixels (and a WebP decoder's canvas) now
+            img = small
+        if orientation in ORIENTATIONS:
+            img = img.transpose(ORIENTATIONS[orientation])
+        return to_rgb(img), pixels
+
+
+def _over_limit(path, size: tuple[int, int], max_pixels: int) -> str:
+    return f"{path}: {size[0]}x{size[1]} is {size[0] * size[1]} pixels, over the limit of {max_pixels}"
+
+
+def _reducible(img: Image.Image) -> Image.Image:
+    """``img`` in a mode ``Image.reduce`` averages correctly: palettes expanded, bilevel and 16-bit grey widened."""
+    if img.mode in ("P", "PA"):
+        return img.convert("RGBA" if img.mode == "PA" or "transparency" in img.info else "RGB")
+    if img.mode == "1":
+        return img.convert("L")
+    if img.mode.startswith("I;16"):
+        return img.convert("I")
+    return img
 
 
 def decode_image(path: str | Path, min_size: int | None = None, data: bytes | None = None) -> torch.Tensor:
@@ -112,7 +273,7 @@ def decode_image(path: str | Path, min_size: int | None = None, data: bytes | No
         ImageError: as :func:`load_image`.
     """
     with _reading(path):
-        img = Image.open(path if data is None else io.BytesIO(data))  # the header only; refuses decompression bombs
+        img = open_image(path if data is None else io.BytesIO(data), path)  # the header; refuses bombs
         fast = decode_jpeg is not None and img.format == "JPEG" and img.mode in ("RGB", "L")
         if fast and _draft_scale(img.size, min_size) == 1:
             img.close()

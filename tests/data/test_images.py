@@ -14,15 +14,18 @@ from PIL import Image, ImageFile
 from mlic.data.images import (
     BadImageCheck,
     Cutout,
+    FormatError,
     ImageDataset,
     ImageError,
     build_transform,
     collate,
     decode_image,
     load_image,
+    load_reduced,
     make_loader,
     normalize,
     parse_bad_limit,
+    read_image,
 )
 from mlic.data.labelset import LabelSet
 
@@ -313,3 +316,113 @@ def test_normalize(layout):
     expected = (images.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
     assert out.dtype == torch.float32 and out.is_contiguous()
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+# ---- the format allow-list --------------------------------------------------------------------------------
+
+ALLOWED = "(JPEG, PNG, WebP, BMP, GIF, TIFF)"
+
+
+@pytest.fixture
+def foreign_files(tmp_path) -> dict[str, Path]:
+    """Files PIL can read but mlic must not: EPS (PIL hands those to Ghostscript), PCX, TGA (no signature), PPM; a
+    hand-made EPS header; and bytes in no format at all."""
+    img = Image.fromarray(photo(24, 32))
+    for ext in ("eps", "pcx", "tga", "ppm"):
+        img.save(tmp_path / f"x.{ext}")
+    (tmp_path / "header.eps").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 24\n%%EndComments\n")
+    (tmp_path / "noise.bin").write_bytes(bytes(range(256)) * 4)
+    return {p.name: p for p in tmp_path.iterdir()}
+
+
+@pytest.mark.parametrize("name, kind", [("x.eps", "EPS"), ("header.eps", "EPS"), ("x.pcx", "PCX"), ("x.tga", "TGA"),
+                                        ("x.ppm", "PPM")])
+def test_other_formats_are_unreadable_images_naming_the_format(foreign_files, monkeypatch, name, kind):
+    from PIL import EpsImagePlugin
+
+    from mlic.data.gpu_decode import read_encoded
+
+    def never(self):
+        raise AssertionError("the EPS plugin parsed the file")
+
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", never)
+    path = foreign_files[name]
+    expected = f"{path}: {kind} file, not a format mlic reads {ALLOWED}; convert it to one of them"
+    transform = build_transform(16, train=False)
+    for decode in (load_image, decode_image, lambda p: read_image(p, transform), lambda p: read_encoded(p, transform),
+                   lambda p: read_image(p, transform, data=p.read_bytes()), lambda p: load_reduced(p, 16, 10**6)):
+        with pytest.raises(FormatError) as err:
+            decode(path)
+        assert str(err.value) == expected
+
+
+def test_bytes_in_no_format_and_corrupt_allowed_ones(foreign_files, bad_files):
+    with pytest.raises(FormatError, match=r"noise.bin: cannot decode image: not in a format mlic reads \(JPEG, PNG"):
+        load_image(foreign_files["noise.bin"])
+    with pytest.raises(ImageError, match="cannot decode") as err:  # a JPEG signature: a corrupt JPEG, not a format
+        decode_image(bad_files["garbage.jpg"])
+    assert not isinstance(err.value, FormatError)
+
+
+def test_foreign_files_in_a_dataset_are_counted_as_unreadable(foreign_files):
+    names = sorted(foreign_files)
+    labelset = LabelSet(["a"], names, np.ones((len(names), 1)), root=str(foreign_files["x.eps"].parent))
+    _, _, _, bad = collate([ImageDataset(labelset, build_transform(16, train=False))[i] for i in range(len(names))])
+    assert len(bad) == len(names) and all("not a format mlic reads" in m or "not in a format mlic reads" in m
+                                          for m in bad)
+
+
+# ---- decoding uploads with bounded memory ---------------------------------------------------------------------
+
+def test_load_reduced_matches_the_full_decode_at_the_target_size(tmp_path):
+    transform = build_transform(32, train=False)
+    big = photo(600, 900)
+    Image.fromarray(big).save(tmp_path / "big.png")
+    Image.fromarray(big).save(tmp_path / "big.jpg", quality=95)
+    for name in ("big.png", "big.jpg"):
+        image, pixels = load_reduced(tmp_path / name, 32, 10**6)
+        assert pixels == 600 * 900
+        assert max(image.size) <= 2 * 2 * 32 * 2 and image.mode == "RGB"  # reduced, not 900 x 600
+        reduced = transform(image).float()
+        full = transform(load_image(tmp_path / name)).float()
+        assert (reduced - full).abs().mean() < 1.5
+    small, _ = load_reduced(tmp_path / "big.png", 400, 10**6)  # target too large to reduce: the full image
+    assert small.size == (900, 600)
+
+
+def test_load_reduced_reduces_each_axis_and_keeps_modes_and_orientation(tmp_path):
+    strip = np.zeros((40, 4000), np.uint8)
+    strip[:, 2000:] = 255
+    Image.fromarray(strip).save(tmp_path / "strip.png")
+    image, _ = load_reduced(tmp_path / "strip.png", 16, 10**6)
+    assert image.size[0] < 200 and image.size[1] == 40  # the long side shrinks on its own
+    assert np.asarray(image)[0, 0].tolist() == [0, 0, 0] and np.asarray(image)[0, -1].tolist() == [255, 255, 255]
+    # palette with transparency composited on white, as load_image does, after the reduction
+    palette = Image.new("P", (400, 400), 1)
+    palette.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    palette.save(tmp_path / "p.png", transparency=1)
+    assert np.asarray(load_reduced(tmp_path / "p.png", 16, 10**6)[0])[5, 5].tolist() == [255, 255, 255]
+    Image.fromarray(np.full((300, 300), 65535, np.uint16)).save(tmp_path / "i16.png")
+    assert np.asarray(load_reduced(tmp_path / "i16.png", 16, 10**6)[0])[3, 3].tolist() == [255, 255, 255]
+    # EXIF orientation 6: stored landscape, shown portrait
+    stored = np.zeros((300, 600, 3), np.uint8)
+    stored[:, :300] = [250, 0, 0]
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "o.jpg", quality=95, exif=exif)
+    upright = np.asarray(load_image(tmp_path / "o.jpg", 16))
+    reduced = np.asarray(load_reduced(tmp_path / "o.jpg", 16, 10**6)[0])  # squashed: the resize is square anyway
+    for shown in (upright, reduced):  # the stored left half, red, is the top half once upright
+        assert shown[1, shown.shape[1] // 2, 0] > 200 and shown[-2, shown.shape[1] // 2, 0] < 50
+
+
+def test_load_reduced_applies_the_pixel_limit_to_the_header(tmp_path):
+    Image.fromarray(photo(100, 120)).save(tmp_path / "a.png")
+    with pytest.raises(ImageError, match=r"a.png: 120x100 is 12000 pixels, over the limit of 11999"):
+        load_reduced(tmp_path / "a.png", 16, 11999)
+    assert load_reduced(tmp_path / "a.png", 16, 12000)[1] == 12000
+    # a WebP canvas is allocated when PIL opens the file: its size is read from the bytes first
+    for options in ({"lossless": True}, {"quality": 50}, {"lossless": True, "exif": b"Exif\0\0"}):
+        Image.new("RGBA", (3000, 2000)).save(tmp_path / "w.webp", **options)
+        with pytest.raises(ImageError, match=r"w.webp: 3000x2000 is 6000000 pixels, over the limit of 100000"):
+            load_reduced(tmp_path / "w.webp", 16, 100_000)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import struct
+import threading
+import time
 import zlib
 
 import numpy as np
@@ -18,7 +21,14 @@ from mlic.config import ModelConfig  # noqa: E402
 from mlic.engine.checkpoint import save_model  # noqa: E402
 from mlic.engine.predict import Predictor  # noqa: E402
 from mlic.models.classifier import build_model  # noqa: E402
-from mlic.serve.app import ServeConfig, create_app  # noqa: E402
+from mlic.serve import app as serve_app  # noqa: E402
+from mlic.serve.app import ServeConfig, create_app, host_allowed  # noqa: E402
+
+
+def local(app) -> TestClient:
+    """A client whose requests carry ``Host: 127.0.0.1:8000``, as a browser on this machine sends (TestClient's own
+    ``testserver`` is a name the service refuses without an API key)."""
+    return TestClient(app, base_url="http://127.0.0.1:8000")
 
 
 def png_bytes(h: int = 40, w: int = 50, seed: int = 0) -> bytes:
@@ -52,7 +62,7 @@ def predictors(tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(predictors):
     app = create_app(predictors["linear"], ServeConfig(max_files=4, max_upload_mb=0.5, max_pixels=1_000_000))
-    with TestClient(app) as c:
+    with local(app) as c:
         yield c
 
 
@@ -89,9 +99,10 @@ def truncated_jpeg() -> bytes:
 
 
 @pytest.mark.parametrize("files, data, status, message", [
-    ({"file": ("x.bin", b"\x00garbage bytes" * 10, "application/octet-stream")}, None, 415, "x.bin: not an image"),
+    ({"file": ("x.bin", b"\x00garbage bytes" * 10, "application/octet-stream")}, None, 415,
+     "x.bin: cannot decode image: not in a format mlic reads (JPEG"),
     ({"file": ("t.jpg", truncated_jpeg(), "image/jpeg")}, None, 400, "t.jpg: "),
-    ({"file": ("bomb.png", huge_png_header(), "image/png")}, None, 400, "bomb.png: refused, too many pixels"),
+    ({"file": ("bomb.png", huge_png_header(), "image/png")}, None, 400, "bomb.png: refused, decompression bomb"),
     ({"file": ("big.png", huge_png_header(1200), "image/png")}, None, 400, "over the limit of 1000000"),
     ({"file": ("e.png", b"", "image/png")}, None, 400, "e.png: empty file"),
     (None, {"threshold": "0.5"}, 400, "no image in the request"),
@@ -114,7 +125,7 @@ def test_empty_body(client):
 
 def test_api_key(predictors):
     app = create_app(predictors["linear"], ServeConfig(api_key="s3cret"))
-    with TestClient(app) as c:
+    with local(app) as c:
         assert c.get("/healthz").status_code == 200  # liveness needs no key
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
             r = c.get("/v1/model", headers=headers)
@@ -125,14 +136,14 @@ def test_api_key(predictors):
 
 
 def test_attention_maps_for_query2label(predictors):
-    with TestClient(create_app(predictors["query2label"])) as c:
+    with local(create_app(predictors["query2label"])) as c:
         assert c.get("/v1/model").json()["attention"] is True
         r = c.post("/v1/predict", files={"file": ("a.png", png_bytes())}, data={"attention": "true"})
         row = r.json()["results"][0]
         maps = np.array(list(row["attention"].values()))
         assert maps.ndim == 3 and maps.shape[1:] == (4, 4)  # digitnet's stride-8 grid of a 32 px input
         np.testing.assert_allclose(maps.sum(axis=(1, 2)), 1.0, atol=1e-3)
-    with TestClient(create_app(predictors["linear"])) as c:
+    with local(create_app(predictors["linear"])) as c:
         r = c.post("/v1/predict", files={"file": ("a.png", png_bytes())}, data={"attention": "true"})
         assert r.status_code == 200 and "attention" not in r.json()["results"][0]
 
@@ -145,3 +156,188 @@ def test_serve_missing_checkpoint_is_one_line(tmp_path):
     result = CliRunner().invoke(app, ["serve", "--checkpoint", str(tmp_path / "nowhere")])
     assert result.exit_code == 2 and "nowhere/model.json: not found" in result.output
     assert "Traceback" not in result.output
+
+
+# ---- formats: only those the docs name are decoded ---------------------------------------------------------
+
+def encoded(fmt: str, mode: str = "RGB", **options) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (24, 32, 3), dtype=np.uint8)).convert(mode).save(
+        buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt, mode", [("JPEG", "RGB"), ("PNG", "RGBA"), ("WEBP", "RGB"), ("BMP", "RGB"),
+                                       ("GIF", "P"), ("TIFF", "RGB")])
+def test_the_documented_formats_are_read(client, fmt, mode):
+    r = client.post("/v1/predict", files={"file": (f"a.{fmt.lower()}", encoded(fmt, mode))})
+    assert r.status_code == 200, r.text
+
+
+EPS_HEADER = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 24\n%%EndComments\nshowpage\n"
+
+
+@pytest.mark.parametrize("name, data, kind", [
+    ("x.eps", EPS_HEADER, "EPS"), ("pil.eps", encoded("EPS"), "EPS"), ("x.pcx", encoded("PCX"), "PCX"),
+    ("x.tga", encoded("TGA"), "TGA"), ("x.ppm", encoded("PPM"), "PPM"),
+])
+def test_other_formats_are_refused_before_any_plugin_parses_them(client, monkeypatch, name, data, kind):
+    from PIL import EpsImagePlugin
+
+    def never(self):
+        raise AssertionError("the EPS plugin parsed an upload")
+
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", never)
+    r = client.post("/v1/predict", files={"file": (name, data, "application/octet-stream")})
+    assert r.status_code == 415, r.text
+    assert r.json()["error"] == (f"{name}: {kind} file, not a format mlic reads (JPEG, PNG, WebP, BMP, GIF, TIFF); "
+                                 "convert it to one of them")
+
+
+# ---- Host header (DNS rebinding) ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("host, allowed", [
+    (b"127.0.0.1:8000", True), (b"localhost:8000", True), (b"LOCALHOST", True), (b"[::1]:8000", True),
+    (b"192.168.1.20:8000", True), (b"10.0.0.5", True), (b"", True), (b"box.lan:8000", True),
+    (b"evil.example", False), (b"evil.example:8000", False), (b"localhost.evil.example", False),
+    (b"127.0.0.1.nip.io", False), (b"[::1].evil", False), (b"[::1]x", False), (b"localhost:x", False),
+])
+def test_host_header_rule(host, allowed):
+    assert host_allowed(host, ServeConfig(host="0.0.0.0", allow_hosts=["box.lan"])) is allowed
+
+
+def test_foreign_host_is_refused_without_api_key_only(predictors):
+    with local(create_app(predictors["linear"])) as c:
+        for path in ("/healthz", "/v1/model", "/"):
+            r = c.get(path, headers={"Host": "evil.example"})
+            assert r.status_code == 421
+            assert "Host 'evil.example' refused" in r.json()["error"] and "--api-key" in r.json()["error"]
+        r = c.post("/v1/predict", headers={"Host": "evil.example:8000"}, files={"file": ("a.png", png_bytes())})
+        assert r.status_code == 421 and "--allow-host evil.example" in r.json()["error"]
+        assert c.get("/healthz", headers={"Host": "localhost:8000"}).status_code == 200
+    with local(create_app(predictors["linear"], ServeConfig(api_key="k"))) as c:  # the key is the defence then
+        assert c.get("/healthz", headers={"Host": "evil.example"}).status_code == 200
+        assert c.get("/v1/model", headers={"Host": "evil.example"}).status_code == 401
+
+
+# ---- decoding pool, body budget and deadline --------------------------------------------------------------
+
+def test_decodes_run_at_most_decode_workers_at_once(predictors, monkeypatch):
+    running, most = [0], [0]
+    lock = threading.Lock()
+    real = serve_app.decode_upload
+
+    def slow(*args, **kwargs):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(serve_app, "decode_upload", slow)
+    with local(create_app(predictors["linear"], ServeConfig(decode_workers=2, max_files=8))) as c:
+        files = [("file", (f"{i}.png", png_bytes(seed=i), "image/png")) for i in range(8)]
+        r = c.post("/v1/predict", files=files)
+    assert r.status_code == 200 and [row["file"] for row in r.json()["results"]] == [f"{i}.png" for i in range(8)]
+    assert most[0] == 2
+
+
+def test_bodies_over_the_inflight_budget_wait_for_503_and_slow_bodies_get_408(predictors, monkeypatch):
+    import httpx
+
+    release = threading.Event()
+    real = serve_app.decode_upload
+
+    def held(*args, **kwargs):  # the first request sits in decoding, holding its body
+        release.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(serve_app, "decode_upload", held)
+    config = ServeConfig(max_upload_mb=1, max_inflight_mb=1, timeout_body=0.3)
+    app = create_app(predictors["linear"], config)
+    body = png_bytes() + b"\0" * 600_000  # trailing bytes after IEND: a valid PNG of 0.6 MB
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000") as c:
+            first = asyncio.ensure_future(c.post("/v1/predict", files={"file": ("a.png", body)}))
+            await asyncio.sleep(0.3)
+            busy = await c.post("/v1/predict", files={"file": ("b.png", body)})
+            release.set()
+            done = await first
+            after = await c.post("/v1/predict", files={"file": ("c.png", body)})
+
+            async def stalled():
+                yield b"--x\r\nContent-Disposition: form-data; name=\"file\"; filename=\"s.png\"\r\n\r\n"
+                await asyncio.sleep(2)
+                yield b"\r\n--x--\r\n"
+
+            start = time.monotonic()
+            slow = await c.post("/v1/predict", content=stalled(),
+                                headers={"Content-Type": "multipart/form-data; boundary=x"})
+            return busy, done, after, slow, time.monotonic() - start
+
+    busy, done, after, slow, waited = asyncio.run(scenario())
+    assert busy.status_code == 503 and "--max-inflight-mb" in busy.json()["error"]
+    assert busy.headers["Retry-After"] == "1"
+    assert done.status_code == 200 and after.status_code == 200  # the budget is given back after each request
+    assert slow.status_code == 408 and "--timeout-body" in slow.json()["error"] and waited < 1.5
+
+
+# ---- the command: impossible options, exposure warning ------------------------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["--port", "99999"], "error: --port 99999: give a TCP port from 1 to 65535"),
+    (["--port", "-1"], "error: --port -1:"),
+    (["--max-batch", "0"], "error: --max-batch 0: give a number above 0"),
+    (["--max-files", "-3"], "error: --max-files -3: give a number above 0"),
+    (["--max-pixels", "0"], "error: --max-pixels 0:"),
+    (["--max-upload-mb", "0"], "error: --max-upload-mb 0:"),
+    (["--max-wait-ms", "-1"], "error: --max-wait-ms -1: give 0 or more milliseconds"),
+    (["--decode-workers", "0"], "error: --decode-workers 0:"),
+    (["--max-connections", "0"], "error: --max-connections 0:"),
+    (["--timeout-header", "0"], "error: --timeout-header 0:"),
+    (["--timeout-keep-alive", "-2"], "error: --timeout-keep-alive -2:"),
+    (["--timeout-body", "nan"], "error: --timeout-body nan:"),
+    (["--max-inflight-mb", "5"], "error: --max-inflight-mb 5 is below --max-upload-mb 20"),
+    (["--max-connections", "100000000"], "error: --max-connections 100000000: this process may open"),
+])
+def test_serve_impossible_options_are_one_line(tmp_path, args, message):
+    from typer.testing import CliRunner
+
+    from mlic.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--checkpoint", str(tmp_path / "nowhere"), *args])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(message) and result.output.count("\n") == 1, result.output
+    assert "Traceback" not in result.output
+
+
+def test_serve_on_the_network_without_a_key_warns(tmp_path):
+    from typer.testing import CliRunner
+
+    from mlic.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--checkpoint", str(tmp_path / "nowhere"), "--host", "0.0.0.0"])
+    assert result.output.startswith("warning: --host 0.0.0.0 without --api-key: anyone who can reach")
+    for args in (["--host", "0.0.0.0", "--api-key", "k"], ["--host", "127.0.0.1"], ["--host", "::1"]):
+        result = CliRunner().invoke(app, ["serve", "--checkpoint", str(tmp_path / "nowhere"), *args])
+        assert "warning" not in result.output and "nowhere/model.json: not found" in result.output
+
+
+def test_a_port_in_use_is_one_line():
+    import socket
+
+    from mlic.errors import MlicError
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        with pytest.raises(MlicError, match=f"--host 127.0.0.1 --port {port}: cannot bind .*pick another port"):
+            serve_app.bind("127.0.0.1", port)
+    sock = serve_app.bind("127.0.0.1", 0)  # 0: any free port, read back from the socket
+    assert sock.getsockname()[1] > 0
+    sock.close()

@@ -97,6 +97,6 @@ def test_upload_shows_labels_thresholds_and_attention(server, tmp_path):
         junk = tmp_path / "notes.png"
         junk.write_bytes(b"not an image at all")
         page.set_input_files("#files", str(junk))
-        page.wait_for_function("document.getElementById('status').textContent.includes('not an image')")
+        page.wait_for_function("document.getElementById('status').textContent.includes('not in a format mlic reads')")
         browser.close()
     assert shot.read_bytes()[:4] == b"\x89PNG"
