@@ -11,6 +11,7 @@ from mlic.config import ModelConfig
 from mlic.errors import MlicError
 from mlic.models.backbones import build_backbone
 from mlic.models.heads import HEADS
+from mlic.models.weights import PretrainedWeights
 from mlic.registry import check_arguments
 
 
@@ -31,8 +32,13 @@ class Classifier(nn.Module):
         return self.head(self.backbone(images))
 
 
-def build_model(config: ModelConfig, pretrained: str | Path | None = None) -> Classifier:
-    """Build the classifier a config describes; ``pretrained`` is a local backbone weight file."""
+def build_model(config: ModelConfig, pretrained: str | Path | PretrainedWeights | None = None) -> Classifier:
+    """Build the classifier a config describes, its backbone with ``pretrained`` weights if given.
+
+    ``pretrained``: a local backbone weight file, ``timm`` or ``hf-hub:ORG/NAME[@REVISION]`` (see
+    :func:`mlic.models.backbones.resolve_pretrained`), or the PretrainedWeights that function returned; pass
+    those to record their ``source`` and ``sha256`` without resolving and hashing twice.
+    """
     if config.head not in HEADS:
         raise MlicError(f"unknown head '{config.head}'; choose one of: {', '.join(sorted(HEADS))}")
     check_arguments(HEADS[config.head], config.head_args, f"head '{config.head}'", "--head-arg", skip=2)
