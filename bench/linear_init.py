@@ -55,7 +55,8 @@ def main() -> None:
         cfg = TrainConfig(epochs=args.finetune_epochs, lr=2e-3, hflip=False, seed=s, loss="role", threads=args.threads)
         for arm, mode in (("fresh head", "finetune"), ("linear-init", "linear-init")):
             job = TrainJob(ModelConfig(num_classes=10), cfg, splits, args.out / f"{mode}_{s}", mode=mode,
-                           linear={"batch_size": 16, "lr": 1e-3, "epochs": 25}, pretrained=str(weights), **QUIET)
+                           linear=TrainConfig.linear_defaults(loss="role", seed=s, batch_size=16, lr=1e-3, epochs=25),
+                           pretrained=str(weights), **QUIET)
             results[arm].append(run(job).test_metrics["mAP"])
             print(f"seed {s} {arm:12s} test mAP {results[arm][-1]:.2f} ({time.perf_counter() - t0:.0f}s)",
                   flush=True)

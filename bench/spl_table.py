@@ -40,8 +40,7 @@ from mlic.data.features import extract_features
 from mlic.data.observe import single_positive
 from mlic.data.splits import Splits
 from mlic.engine.job import TrainJob
-from mlic.engine.linear import LinearProbeConfig
-from mlic.engine.protocol import grid_search
+from mlic.engine.linear_probe import grid_search
 from mlic.engine.run import run
 from mlic.io import atomic_write_bytes
 from mlic.models.classifier import build_model
@@ -122,7 +121,7 @@ def main() -> None:
             loss_args = {"expected_positives": k} if loss in ("epr", "role") else {}
             loss_args.update(changed.get(loss, {}))
             if head == "linear" and len(row["linear"]) <= s:
-                probe = LinearProbeConfig(loss=loss, loss_args=loss_args, epochs=25, seed=s)
+                probe = TrainConfig.linear_defaults(loss=loss, loss_args=loss_args, epochs=25, seed=s)
                 grid = grid_search(feats["train"], observed, feats["val"], clean["val"], probe, batch_sizes=(16, 64),
                                    lrs=(1e-3, 1e-2), test_x=feats["test"], test_y=clean["test"])
                 row["linear"].append(grid.best.test_map)

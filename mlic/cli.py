@@ -6,7 +6,6 @@ Errors a user can cause end in one line on stderr and exit code 2, never a trace
 from __future__ import annotations
 
 import functools
-import json
 import sys
 import time
 from pathlib import Path
@@ -174,8 +173,11 @@ def train(
                                                               "hidden_dim=256.")] = None,
     img_size: Annotated[int | None, typer.Option(help=f"Square input size in pixels, {IMG_SIZES[0]} to "
                                                       f"{IMG_SIZES[1]} (default 64).")] = None,
-    pretrained: Annotated[Path | None, typer.Option(help="Local backbone weight file (.safetensors or torch); "
-                                                            "nothing is downloaded.")] = None,
+    pretrained: Annotated[str | None, typer.Option(help="Backbone weights: a local file (.safetensors or torch), "
+                                                        "'timm' (the backbone's default pretrained tag, e.g. "
+                                                        "--backbone resnet50.a1_in1k) or 'hf-hub:ORG/NAME[@REV]', "
+                                                        "through the Hugging Face cache (HF_HOME; HF_HUB_OFFLINE=1 "
+                                                        "honoured).")] = None,
     recipe: Annotated[Path | None, typer.Option(help="YAML recipe (model: and train: sections); options given "
                                                         "on the command line override it.")] = None,
     mode: Annotated[str | None, typer.Option(help="finetune (end to end, the default), linear (a linear head on "
@@ -286,7 +288,8 @@ def evaluate(
     split: Annotated[str, typer.Option(help="Split folder inside --data to evaluate.")] = "test",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     workers: Annotated[int, typer.Option(help="Data-loading worker processes.")] = 2,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the metrics to this JSON file.")]
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the metrics to this JSON file "
+                                                                          "(strict JSON: nan as null).")]
         = None,
     strict_images: Annotated[bool, typer.Option(help="Stop at the first unreadable image.")] = False,
     max_bad_images: Annotated[str, typer.Option(help="Unreadable images tolerated before the evaluation stops: "
@@ -294,9 +297,11 @@ def evaluate(
 ) -> None:
     """Evaluate a saved model: mAP (sklearn-style and VOC-interpolated), CP/CR/CF1/OP/OR/OF1, per-class AP.
 
-    Sparse (partial) labels are scored over their known entries only; the mAP averages the classes with a
-    known positive.
+    Partial labels (dense or sparse) are scored over their known entries only: a class with no known positive
+    has AP nan (null in --json) and the mAP averages the classes with a known positive (mAP_classes).
     """
+    import warnings
+
     from mlic.data.images import BadImageCheck, parse_bad_limit
     from mlic.data.labelset import LabelSetError
     from mlic.data.splits import evaluation_split
@@ -315,19 +320,22 @@ def evaluate(
                                        next(model.parameters()).device, batch_size, workers, check=check)
     if bad:
         typer.echo(f"skipped {len(bad)} unreadable images, e.g. {bad[0]}")
-    metrics = evaluate_scores(scores, labelset.targets, rows=rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # classes without a known positive: the title says how many
+        metrics = evaluate_scores(scores, labelset.targets, rows=rows)
     metrics["unreadable_images"] = len(bad)
     title = f"{checkpoint} on {len(rows)} images" + (f" ({len(bad)} unreadable skipped)" if bad else "")
+    averaged = (f"mAP over the {metrics['mAP_classes']} of {labelset.num_classes} classes with a known positive "
+                "(the others: nan)")
     if labelset.sparse:
-        title += (f"\nknown entries only ({labelset.targets.nnz:,} labels): mAP over the {metrics['mAP_classes']} of "
-                  f"{labelset.num_classes} classes with a known positive (the others: nan)")
+        title += f"\nknown entries only ({labelset.targets.nnz:,} labels): {averaged}"
+    elif metrics["mAP_classes"] < labelset.num_classes:
+        title += f"\n{averaged}"
     print_metrics(metrics, labelset.classes, title)
     if json_out:
-        from mlic.io import atomic_write_bytes
+        from mlic.engine.report import write_metrics_json
 
-        payload = {k: v for k, v in metrics.items() if k != "per_class_ap"}
-        payload["per_class_ap"] = dict(zip(labelset.classes, map(float, metrics["per_class_ap"])))
-        atomic_write_bytes(json_out, json.dumps(payload, indent=1).encode())
+        write_metrics_json(json_out, metrics, labelset.classes)
 
 
 @app.command()

@@ -1,6 +1,6 @@
-"""Lazy row-wise Adam for a large table of which each step reads a few rows (ROLE's label estimator).
-
-See :class:`RowAdam`; used by the fast linear probe (``estimator_update="fast"``).
+"""Optimisation pieces of both training modes: parameter groups, optimisers, schedules, EMA, and the lazy
+row-wise Adam for a large table of which each step reads a few rows (ROLE's label estimator in the linear
+probe, ``estimator_update="fast"``).
 """
 
 from __future__ import annotations
@@ -8,8 +8,59 @@ from __future__ import annotations
 import math
 
 import torch
+from timm.utils import ModelEmaV3
+from torch import nn
 
+from mlic.config import TrainConfig
 from mlic.errors import MlicError
+
+
+def param_groups(model: nn.Module, loss: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups: weights with decay, norms/biases without, the loss's own parameters at lr × multiplier."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr},
+              {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr}]
+    extra = [p for p in loss.parameters() if p.requires_grad]
+    if extra:
+        groups.append({"params": extra, "weight_decay": 0.0, "lr": cfg.lr * cfg.estimator_lr_mult})
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(groups: list[dict], cfg: TrainConfig, fused: bool | None = None) -> torch.optim.Optimizer:
+    """AdamW (decoupled decay) or Adam (L2 decay, Cole et al.'s probe) over ``groups``, as ``cfg.optimizer`` says."""
+    kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return kind(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, fused=fused)
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    """OneCycle (cosine, ≥ 1 warm-up step) or a constant learning rate (``cfg.schedule``)."""
+    if cfg.schedule == "onecycle" and total_steps >= 4:
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total_steps,
+            pct_start=min(0.5, max(cfg.pct_start, 1.5 / total_steps)), anneal_strategy="cos")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # constant, or too few steps for one
+
+
+class EMA(ModelEmaV3):
+    """timm's ModelEmaV3 (parameters and buffers, foreach lerp) with the warm-up Query2Label's and YOLO's
+    EMA use: decay ``min(decay, (1 + n) / (10 + n))`` at update n, rather than timm's power warm-up."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        super().__init__(model, decay=decay)
+        self.module.eval().requires_grad_(False)
+        self.updates = 0
+
+    def get_decay(self, step: int | None = None) -> float:
+        n = self.updates if step is None else step
+        return min(self.decay, (1 + n) / (10 + n))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int | None = None) -> None:
+        self.updates += 1
+        super().update(model, step=self.updates)
 
 
 class RowAdam:

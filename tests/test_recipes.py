@@ -6,7 +6,6 @@ import pytest
 
 from mlic.config import ModelConfig, TrainConfig, read_recipe
 from mlic.engine.job import MODES
-from mlic.engine.linear import LinearProbeConfig
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").rglob("*.yaml"))
 
@@ -18,7 +17,7 @@ def test_recipe_builds_its_configs(path):
     assert (sections["mode"] or "finetune") in MODES
     ModelConfig.from_dict(sections["model"] or {})
     TrainConfig.from_dict(sections["train"] or {})
-    LinearProbeConfig.from_dict(sections["linear"] or {})
+    TrainConfig.linear_defaults(**(sections["linear"] or {}))
 
 
 def test_cole_recipes_are_their_protocol():

@@ -9,9 +9,7 @@ scheduler, EMA, epoch, RNG) is a torch file of tensors and plain containers, rea
 
 from __future__ import annotations
 
-import io
 import json
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +18,8 @@ from safetensors.torch import load_file, save
 
 from mlic import __version__
 from mlic.config import ModelConfig
-from mlic.data.labelset import LabelSet, SparseTargets
 from mlic.errors import MlicError
-from mlic.io import UnsafeFileError, atomic_write_bytes, check_writable, load_torch_weights, track_writes
+from mlic.io import atomic_write_bytes, check_writable, track_writes
 from mlic.models.weights import check_state_dict
 
 RUN_FILES = ("model.safetensors", "model.json", "last.pt", "metrics.jsonl", "test_metrics.json", "test_scores.npy",
@@ -47,9 +44,9 @@ def save_model(
     if len(classes) != config.num_classes:
         raise CheckpointError(f"{len(classes)} class names for a model with {config.num_classes} outputs")
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    # one id in both files: a kill between the two writes leaves a pair that load_model refuses, never
-    # new weights silently beside old thresholds
-    write_id = uuid.uuid4().hex
+    # one id in both files, a hash of the weights: a kill between the two writes leaves a pair that load_model
+    # refuses, never new weights silently beside old thresholds; the same weights give the same bytes
+    write_id = weights_id(state)
     thresholds = [0.5] * len(classes) if thresholds is None else [float(t) for t in thresholds]
     meta = {
         "mlic_version": __version__,
@@ -63,6 +60,18 @@ def save_model(
     atomic_write_bytes(directory / "model.safetensors", save(state, metadata={WRITE_ID: write_id}))
     atomic_write_bytes(directory / "model.json", json.dumps(meta, indent=1).encode())
     return directory
+
+
+def weights_id(state: dict[str, torch.Tensor]) -> str:
+    """A short hash of a state dict's names, dtypes, shapes and bytes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        h.update(tensor.view(-1).view(torch.uint8).numpy().data if tensor.numel() else b"")
+    return h.hexdigest()[:32]
 
 
 def check_class_names(classes, source, error: type[MlicError] = MlicError) -> list[str]:
@@ -203,21 +212,6 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, torch.Tensor], dict[s
                               "have finished an epoch") from None
 
 
-def save_state(path: str | Path, state: dict) -> None:
-    """Write resume state (tensors and plain containers) atomically."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def load_state(path: str | Path) -> dict:
-    """Read resume state written by :func:`save_state`, refusing anything but tensors and containers."""
-    try:
-        return load_torch_weights(path)
-    except UnsafeFileError as e:
-        raise CheckpointError(f"{e}; delete it to start the run over") from None
-
-
 MANIFEST = ".mlic-run.json"
 """Which of :data:`RUN_FILES` the run in a folder wrote: what ``--overwrite`` may remove, and nothing else."""
 
@@ -279,32 +273,6 @@ def claim_run_dir(out: str | Path, resume: bool = False, overwrite: bool = False
         raise CheckpointError(f"{out}: holds {listed}, not written by a run of mlic, where this run would write; "
                               "move them or choose another --out")
     track_writes(out, MANIFEST, owned)
-    return out
-
-
-def labelset_fingerprint(labelset: LabelSet) -> str:
-    """A short hash of a LabelSet's classes, image paths and training targets: "same data" for resume."""
-    import hashlib
-
-    h = hashlib.sha1()
-    h.update(json.dumps([labelset.classes, labelset.image_paths]).encode())
-    targets = labelset.train_targets
-    for part in (targets.indptr, targets.indices, targets.values) if isinstance(targets, SparseTargets) else (targets,):
-        h.update(np.ascontiguousarray(part).tobytes())  # sparse: its CSR parts, never the dense matrix
-    return h.hexdigest()[:16]
-
-
-def settings_differences(saved: dict, current: dict) -> list[str]:
-    """Human-readable differences between two run settings ({"model": …, "train": …, "data": …})."""
-    out = []
-    for section in ("model", "train", "data"):
-        old, new = saved.get(section, {}), current.get(section, {})
-        for key in sorted(set(old) | set(new)):
-            if old.get(key) != new.get(key):
-                if section == "data":
-                    out.append(f"the {key} data (images or labels) differ")
-                else:
-                    out.append(f"{key.replace('_', '-')} was {old.get(key)!r}, now {new.get(key)!r}")
     return out
 
 

@@ -143,9 +143,11 @@ def evaluate_scores(scores: np.ndarray, targets: np.ndarray | SparseTargets, thr
     """The metrics table of ``scores`` (N, K) against ``targets`` (N, K), over ``rows`` only when given.
 
     Pass the readable rows of :func:`score_labelset`; a non-finite score among them means the model
-    diverged, which is an error, not a row to drop. Sparse targets (:class:`SparseTargets`) are never
-    densified: the table is :func:`mlic.known_metrics.known_metrics_table`, over the known entries only, with
-    classes without a known positive left out of the mAP (``"mAP_classes"`` says how many were averaged).
+    diverged, which is an error, not a row to drop. Unknown (-1) entries are left out, and one rule holds
+    for dense and sparse targets alike (every evaluation: ``mlic eval``, validation, test): a class without
+    a known positive has AP NaN and is left out of the mAP; ``"mAP_classes"`` says how many were averaged
+    (all K where every class has a positive). Sparse targets (:class:`SparseTargets`) are never densified:
+    the table is :func:`mlic.known_metrics.known_metrics_table`, over the known entries only.
     """
     if isinstance(targets, SparseTargets):
         if rows is not None:
@@ -153,13 +155,13 @@ def evaluate_scores(scores: np.ndarray, targets: np.ndarray | SparseTargets, thr
         bad = _nonfinite_rows(scores, rows)
         if bad:
             raise _diverged(bad, len(scores) if rows is None else rows.size)
-        return known_metrics_table(scores, targets, threshold=threshold, rows=rows)
+        return known_metrics_table(scores, targets, threshold=threshold, empty="exclude", rows=rows)
     targets = np.asarray(targets)
     if rows is not None:
         scores, targets = scores[rows], targets[rows]
     if not np.isfinite(scores).all():
         raise _diverged(int((~np.isfinite(scores)).any(axis=1).sum()), len(scores))
-    return metrics_table(scores, targets, threshold=threshold)
+    return metrics_table(scores, targets, threshold=threshold, empty="exclude")
 
 
 def fit_thresholds(scores: np.ndarray, targets: np.ndarray | SparseTargets,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +30,11 @@ class TrainJob:
     """The run folder."""
     mode: str = "finetune"
     """One of :data:`MODES`."""
-    linear: dict = field(default_factory=dict)
-    """Settings of the linear phase (LinearProbeConfig fields: epochs, batch_size, lr, estimator_update, ...)."""
+    linear: TrainConfig | None = None
+    """Under ``linear-init``: the settings of the linear phase (``train`` then holds the fine-tuning's). Under
+    ``linear``, ``train`` itself holds the probe's (:meth:`TrainConfig.linear_defaults`)."""
     pretrained: str | None = None
-    """Local backbone weight file."""
+    """Backbone weights: a local file, ``timm`` (the backbone's default pretrained tag) or ``hf-hub:ORG/NAME``."""
     init_from: Path | None = None
     """A finished run whose model weights and loss state (e.g. ROLE's estimated labels) the run starts from."""
     resume: bool = False
@@ -68,6 +69,8 @@ class RunResult:
     """(N, K) test scores, NaN rows for unreadable images."""
     seconds: float = 0.0
     """Wall-clock time of the training."""
+    best: object = None
+    """The kept epoch as :func:`mlic.engine.loop.drive` holds it (its snapshot and thresholds)."""
 
 
 def make_job(
@@ -150,10 +153,16 @@ def make_job(
 
         check_decode_device(train_cfg.decode_device)  # before the run folder is claimed
     ModelConfig.from_dict({**model_args, "num_classes": 1})
-    if linear:
-        from mlic.engine.linear import LinearProbeConfig
 
-        LinearProbeConfig.from_dict(linear)
+    def linear_config(num_images: int | None) -> TrainConfig:
+        """The linear phase's settings: the probe's fast defaults, the loss and seed of the run, the recipe's
+        linear: section, then --linear-arg (and, under --mode linear, --epochs / --batch-size / --lr)."""
+        shared = {k: train_args[k] for k in ("loss", "loss_args", "seed", "estimator_lr_mult", "workers", "threads")
+                  if k in train_args}
+        return TrainConfig.linear_defaults(num_images, **{**shared, **linear})
+
+    if mode != "finetune":
+        linear_config(None)
     out = Path(out) if out is not None else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     if checkpoint_every is None and data is not None:
         checkpoint_every = 10.0
@@ -165,7 +174,11 @@ def make_job(
     model_cfg = ModelConfig.from_dict(model_args)
     echo(f"model: {model_cfg.backbone} + {model_cfg.head} head, {model_cfg.num_classes} classes, "
          f"{model_cfg.img_size}px; loss {train_cfg.loss}; mode {mode}; run folder {out}")
-    return TrainJob(model_cfg, train_cfg, splits, out, mode=mode, linear=linear,
+    if mode == "linear":
+        train_cfg, linear_cfg = linear_config(len(splits.train)), None
+    else:
+        linear_cfg = linear_config(len(splits.train)) if mode == "linear-init" else None
+    return TrainJob(model_cfg, train_cfg, splits, out, mode=mode, linear=linear_cfg,
                     pretrained=str(pretrained) if pretrained else None,
                     init_from=Path(init_from) if init_from is not None else None, resume=resume,
                     checkpoint_every=checkpoint_every if mode != "linear" else None, strict_images=strict_images,

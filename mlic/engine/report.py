@@ -1,12 +1,61 @@
-"""The short markdown report and PNG plots each run directory gets."""
+"""What a run directory (and ``mlic eval --json``) gets besides the model: the metrics as strict JSON
+(``test_metrics.json``, ``metrics.jsonl``, ``--json``), a short markdown report and PNG plots."""
 
 from __future__ import annotations
 
+import json
+import math
+import os
 from pathlib import Path
 
 import numpy as np
 
 from mlic.data.labelset import atomic_write_bytes
+
+
+def finite_or_none(value):
+    """``value`` ready for strict JSON: every non-finite number (NaN, inf) becomes None, recursively.
+
+    Dicts, lists, tuples and NumPy arrays are walked; NumPy scalars become Python numbers (keys too).
+    A class without a known positive has AP NaN, which ``json.dumps`` would write as ``NaN``: not JSON.
+    """
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    elif isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key.item() if isinstance(key, np.generic) else key: finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(item) for item in value]
+    return value
+
+
+def metrics_json(value, indent: int | None = None) -> str:
+    """Strict JSON text of a metrics table or record (NaN and inf as ``null``); the one encoder of every
+    metrics file mlic writes."""
+    return json.dumps(finite_or_none(value), indent=indent, allow_nan=False)
+
+
+def metrics_jsonl(records: list[dict]) -> str:
+    """One strict JSON line per record (``metrics.jsonl``: one per epoch)."""
+    return "".join(metrics_json(record) + "\n" for record in records)
+
+
+def metrics_record(metrics: dict, classes: list[str]) -> dict:
+    """A metrics table as it is written to JSON: ``per_class_ap`` (K,) becomes a dict by class name."""
+    record = {k: v for k, v in metrics.items() if k != "per_class_ap"}
+    if "per_class_ap" in metrics:
+        per_class = metrics["per_class_ap"]
+        record["per_class_ap"] = dict(per_class) if isinstance(per_class, dict) else \
+            dict(zip(classes, np.asarray(per_class, dtype=np.float64).tolist()))
+    return record
+
+
+def write_metrics_json(path: str | os.PathLike, metrics: dict, classes: list[str]) -> None:
+    """Write a metrics table (``test_metrics.json``, ``mlic eval --json``) atomically as strict JSON."""
+    atomic_write_bytes(Path(path), metrics_json(metrics_record(metrics, classes), indent=1).encode())
 
 
 def save_figure(fig, path: Path) -> None:

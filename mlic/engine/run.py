@@ -1,11 +1,10 @@
 """ONE training entry for both modes: ``run(job)``.
 
-The mode decides only how logits are produced: a backbone and head trained end to end
-(:func:`mlic.engine.train.fit`), or a linear head on cached backbone features
-(:func:`mlic.engine.probe.fit_linear`); ``linear-init`` runs the second, then the first starting
-from its head and its loss state (Cole et al.'s protocol behind the fine-tuned ROLE figure). Both
-build their loss with :func:`mlic.losses.build_loss_for_data`, drive the same loss hooks, return
-one :class:`RunResult` and end in the same :func:`finish` step (test metrics, report, plots).
+The mode decides only which steps feed the one loop (:func:`mlic.engine.loop.fit`): image batches
+through backbone and head, end to end, or a linear head on cached backbone features; ``linear-init``
+runs the second, then the first starting from its head and its loss state (Cole et al.'s protocol
+behind the fine-tuned ROLE figure). Every run ends in the same :func:`finish` step (test metrics,
+report, plots).
 """
 
 from __future__ import annotations
@@ -51,8 +50,7 @@ def choose_threads(workers: int | None, threads: int | None) -> tuple[int, int]:
 
 def run(job: TrainJob) -> RunResult:
     """Train in ``job.mode``, keep the best epoch by validation mAP, evaluate it on test, write the run folder."""
-    from mlic.engine.probe import fit_linear
-    from mlic.engine.train import fit
+    from mlic.engine.loop import fit
 
     if job.mode not in MODES:
         raise MlicError(f"--mode {job.mode!r}: choose one of {', '.join(MODES)}")
@@ -62,7 +60,14 @@ def run(job: TrainJob) -> RunResult:
                             f"the fine-tuning phase with --mode finetune --init-from {Path(job.out) / 'linear'}")
         linear_dir = Path(job.out) / "linear"
         job.log(f"phase 1 of 2: linear probe into {linear_dir}")
-        first = run(replace(job, mode="linear", out=linear_dir))
+        from mlic.config import TrainConfig
+
+        shared = {k: getattr(job.train, k) for k in ("loss", "loss_args", "seed", "estimator_lr_mult")}
+        if job.linear is not None and not isinstance(job.linear, TrainConfig):
+            raise MlicError("TrainJob.linear: give a TrainConfig (e.g. TrainConfig.linear_defaults(batch_size=16)), "
+                            f"not {type(job.linear).__name__}")
+        phase = job.linear or TrainConfig.linear_defaults(len(job.splits.train), **shared)
+        first = run(replace(job, mode="linear", out=linear_dir, train=phase, linear=None))
         job.log(f"phase 1: test mAP {first.test_metrics['mAP']:.2f}" if first.test_metrics else "phase 1 done")
         job.log("phase 2 of 2: fine-tuning from the linear head and its loss state")
         job = replace(job, mode="finetune", init_from=linear_dir)
@@ -75,7 +80,7 @@ def run(job: TrainJob) -> RunResult:
     job.log(f"threads: {threads} torch threads, {workers} loader workers ({cpu_count()} cores; --threads and "
             "--workers override)")
     try:
-        result = fit_linear(job) if job.mode == "linear" else fit(job)
+        result = fit(job)
         if result.test_metrics is not None:
             finish(job, result)
     finally:

@@ -13,7 +13,7 @@ once.
 A consequence of the official eps worth knowing: ``d/dz -log(p + eps) = -p(1-p)/(p + eps)``
 vanishes once p ≪ eps, so a positive whose logit has fallen below about -11.5 stops being pulled
 back; a learning rate large enough to push all logits there in the first Adam steps stalls
-training at chance (see ``mlic.engine.linear.LinearProbeConfig``). ``eps=None`` has no such trap.
+training at chance (see ``mlic.config.TrainConfig.linear_defaults``). ``eps=None`` has no such trap.
 """
 
 from __future__ import annotations

@@ -204,7 +204,7 @@ def test_cli_refuses_decode_device_cuda_in_one_line_before_any_work(tmp_path):
 
 def test_fit_with_the_device_path_is_the_cpu_paths_run(tiny_digits, tmp_path, monkeypatch):
     """The wiring in fit: JPEG digits trained once per path (the device path on the CPU) give the same run."""
-    import mlic.engine.train as engine
+    import mlic.engine.loop as engine
     from mlic.config import ModelConfig
     from mlic.data.splits import Splits
     from mlic.engine.job import TrainJob

@@ -1,4 +1,4 @@
-"""Fast linear probe: Cole's split, the lazy row-wise Adam, learning, grid and seed summaries."""
+"""Fast linear probe (its steps in the one loop): Cole's split, the lazy row-wise Adam, learning, grid, seeds."""
 
 from __future__ import annotations
 
@@ -9,15 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from mlic.config import TrainConfig
 from mlic.data.labelset import cole_split
-from mlic.engine.linear import (
-    LinearProbe,
-    LinearProbeConfig,
-    train_linear_probe,
-)
-from mlic.engine.protocol import grid_search, run_seeds, summarize_seeds
-from mlic.engine.rowadam import RowAdam
+from mlic.data.observe import single_positive
+from mlic.engine.linear_probe import LinearProbe, grid_search, run_seeds, summarize_seeds, train_linear_probe
+from mlic.engine.loop import TrainingError
 from mlic.metrics import mean_average_precision
+from mlic.optim import RowAdam
 
 
 def synthetic(n: int = 1600, dim: int = 32, classes: int = 8, latent: int = 6, seed: int = 0):
@@ -33,14 +31,6 @@ def synthetic(n: int = 1600, dim: int = 32, classes: int = 8, latent: int = 6, s
     return x, y
 
 
-def single_positive(y: np.ndarray, seed: int = 0) -> np.ndarray:
-    rng = np.random.RandomState(seed)
-    obs = np.full(y.shape, -1, dtype=np.int8)
-    for i, row in enumerate(y):
-        obs[i, rng.choice(np.flatnonzero(row == 1))] = 1
-    return obs
-
-
 @pytest.fixture(autouse=True)
 def one_thread():
     """These problems are tiny: a second intra-op thread only adds synchronisation (and stalls on a busy machine)."""
@@ -53,7 +43,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def problem():
     x, y = synthetic()
-    obs = single_positive(y)
+    obs = single_positive(y, seed=0)  # the library's own draw, not a copy of it
     return {"train": (x[:1000], obs[:1000]), "val": (x[1000:1300], y[1000:1300]), "test": (x[1300:], y[1300:])}
 
 
@@ -125,7 +115,7 @@ def test_fast_and_official_estimator_updates_agree(problem):
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     states = {}
     for mode in ("official", "fast"):
-        cfg = LinearProbeConfig.official(loss="role", loss_args={"expected_positives": 1.5}, estimator_update=mode)
+        cfg = TrainConfig.official_linear(loss="role", loss_args={"expected_positives": 1.5}, estimator_update=mode)
         probe = LinearProbe(32, 8, len(x), cfg, observed=y, dtype=torch.float64)
         gen = torch.Generator().manual_seed(0)
         for _ in range(2):
@@ -141,11 +131,13 @@ def test_fast_and_official_estimator_updates_agree(problem):
 def test_linear_probe_learns(problem):
     (x, y), (xv, yv), (xt, yt) = problem["train"], problem["val"], problem["test"]
     chance = 100 * yt.mean()
-    cfg = LinearProbeConfig(loss="role", loss_args={"expected_positives": 1.5}, epochs=8, batch_size=32, lr=1e-2)
+    cfg = TrainConfig.linear_defaults(loss="role", loss_args={"expected_positives": 1.5}, epochs=8, batch_size=32,
+                                      lr=1e-2)
     result = train_linear_probe(x, y, xv, yv, cfg, xt, yt)
     assert result.test_map > chance + 40, (result.test_map, chance)
-    assert result.best_epoch == int(np.argmax([h["val_map"] for h in result.history]))
-    assert result.val_map == pytest.approx(result.history[result.best_epoch]["val_map"])
+    assert result.best_epoch == 1 + int(np.argmax([h["val_mAP"] for h in result.history]))  # 1-based
+    assert result.val_map == pytest.approx(result.history[result.best_epoch - 1]["val_mAP"])
+    assert [h["epoch"] for h in result.history] == list(range(1, 9))
     assert result.test_map == pytest.approx(mean_average_precision(result.scores(xt), yt), abs=1e-6)
     assert result.estimator_logits.shape == (len(x), 8)
     assert result.weight.shape == (8, 32) and result.bias.shape == (8,)
@@ -155,7 +147,7 @@ def test_official_and_fast_modes_reach_the_same_map(problem):
     (x, y), (xv, yv), (xt, yt) = problem["train"], problem["val"], problem["test"]
     maps = {}
     for mode in ("official", "fast"):
-        cfg = LinearProbeConfig.official(loss="role", loss_args={"expected_positives": 1.5}, epochs=3,
+        cfg = TrainConfig.official_linear(loss="role", loss_args={"expected_positives": 1.5}, epochs=3,
                                          estimator_update=mode)
         maps[mode] = train_linear_probe(x, y, xv, yv, cfg, xt, yt).test_map
     assert abs(maps["fast"] - maps["official"]) < 0.5, maps
@@ -164,12 +156,11 @@ def test_official_and_fast_modes_reach_the_same_map(problem):
 @pytest.mark.parametrize("loss", ["bce", "focal", "asl", "an", "an_ls", "wan", "epr"])
 def test_every_loss_trains(problem, loss):
     (x, y), (xv, yv), (xt, yt) = problem["train"], problem["val"], problem["test"]
-    cfg = LinearProbeConfig(loss=loss, epochs=4, batch_size=100, lr=1e-2, eval_test_every_epoch=True)
+    cfg = TrainConfig.linear_defaults(loss=loss, epochs=4, batch_size=100, lr=1e-2)
     result = train_linear_probe(x, y, xv, yv, cfg, xt, yt)
-    assert all(math.isfinite(h["loss"]) for h in result.history)
+    assert all(math.isfinite(h["train_loss"]) for h in result.history)
     assert result.estimator_logits is None
     # test mAP is that of the best validation epoch's head on the separate test set, and it learned
-    assert result.test_map == pytest.approx(result.history[result.best_epoch]["test_map"])
     expected = mean_average_precision(result.scores(xt), yt)
     assert result.test_map == pytest.approx(expected, abs=1e-4)
     chance = mean_average_precision(np.random.default_rng(0).random(yt.shape), yt)
@@ -180,17 +171,17 @@ def test_bad_inputs_are_one_line_errors(problem):
     (x, y), (xv, yv) = problem["train"], problem["val"]
     with pytest.raises(ValueError, match="channels"):
         train_linear_probe(x, y, xv[:, :10], yv)
-    with pytest.raises(ValueError, match="estimator_update"):
-        train_linear_probe(x, y, xv, yv, LinearProbeConfig(estimator_update="sparse"))
+    with pytest.raises(ValueError, match="--estimator-update 'sparse': choose one of official, fast"):
+        train_linear_probe(x, y, xv, yv, TrainConfig.linear_defaults(estimator_update="sparse"))
     broken = x.copy()
     broken[3, 0] = np.nan
-    with pytest.raises(FloatingPointError, match="learning rate"):
-        train_linear_probe(broken, y, xv, yv, LinearProbeConfig(loss="an", epochs=1))
+    with pytest.raises(TrainingError, match="learning rate"):
+        train_linear_probe(broken, y, xv, yv, TrainConfig.linear_defaults(loss="an", epochs=1))
 
 
 def test_grid_search_and_seed_summary(problem):
     (x, y), (xv, yv) = problem["train"], problem["val"]
-    cfg = LinearProbeConfig(loss="an", epochs=2)
+    cfg = TrainConfig.linear_defaults(loss="an", epochs=2)
     grid = grid_search(x, y, xv, yv, cfg, batch_sizes=(50, 200), lrs=(1e-2, 1e-5))
     assert len(grid.runs) == 4
     assert grid.best.val_map == max(r["val_map"] for r in grid.runs)
@@ -207,8 +198,9 @@ def test_grid_search_and_seed_summary(problem):
 
 
 def test_config_round_trip():
-    cfg = LinearProbeConfig.official(loss="role", loss_args={"expected_positives": 2.9})
+    cfg = TrainConfig.official_linear(loss="role", loss_args={"expected_positives": 2.9})
     assert cfg.batch_size == 16 and cfg.lr == 1e-3 and cfg.estimator_update == "official"
-    assert LinearProbeConfig.from_dict(cfg.to_dict()) == cfg
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown"):
-        LinearProbeConfig.from_dict({"bogus": 1})
+        TrainConfig.from_dict({"bogus": 1})
+    assert TrainConfig.linear_defaults(4000).batch_size == 125 and TrainConfig.linear_defaults().batch_size == 1024

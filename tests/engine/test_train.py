@@ -1,4 +1,4 @@
-"""Fine-tuning (``mlic.engine.train.fit`` through ``mlic.engine.run.run``): results, hooks, resume, errors."""
+"""Fine-tuning (``mlic.engine.loop.fit`` through ``mlic.engine.run.run``): results, hooks, resume, errors."""
 
 import json
 
@@ -11,9 +11,10 @@ from mlic.data.splits import Splits
 from mlic.engine.checkpoint import load_model
 from mlic.engine.evaluate import evaluate_scores, score_labelset
 from mlic.engine.job import TrainJob
+from mlic.engine.loop import TrainingError, fit
 from mlic.engine.run import run
-from mlic.engine.train import EMA, TrainingError, fit
 from mlic.losses import LOSSES
+from mlic.optim import EMA
 
 
 def quick(**kw):
@@ -257,7 +258,7 @@ def test_non_finite_loss_names_epoch_and_step(tiny_digits, tmp_path, monkeypatch
 def test_diverged_weights_are_an_error_not_a_warning(tiny_digits, tmp_path, monkeypatch):
     import warnings
 
-    import mlic.engine.train as engine
+    import mlic.engine.loop as engine
 
     real_update = engine.EMA.update
 
@@ -312,7 +313,8 @@ def test_linear_init_starts_fine_tuning_from_the_head_and_the_estimated_labels(t
     tr = splits["train"].with_observed(single_positive(np.asarray(splits["train"].targets), 0))
     lines = []
     result = run(job(splits, tmp_path / "run", quick(epochs=1, loss="role", lr=1e-5), train=tr, mode="linear-init",
-                     linear={"epochs": 3, "batch_size": 16, "lr": 1e-3}, test=splits["test"], log=lines.append))
+                     linear=TrainConfig.linear_defaults(loss="role", epochs=3, batch_size=16, lr=1e-3),
+                     test=splits["test"], log=lines.append))
     assert any("phase 1 of 2" in line for line in lines) and any("init: model weights and loss state" in line
                                                                  for line in lines)
     linear_loss = load_file(str(tmp_path / "run" / "linear" / "loss.safetensors"))["estimator.logits"]

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlic.engine.linear import LinearProbe, LinearProbeConfig
+from mlic.config import TrainConfig
+from mlic.engine.linear_probe import LinearProbe
 from mlic.losses import build_loss
 
 FIXTURE = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "mlspl_official_losses.pt"
@@ -91,8 +92,8 @@ def test_two_official_train_steps(fixture, case, mode):
     assert params["lr"] == 1e-3 and params["lr_mult"] == 10.0
     targets = theirs_to_ours(steps["label_vec_obs"])
     loss_args = {"expected_positives": params["expected_num_pos"]} if case == "role" else {}
-    config = LinearProbeConfig.official(loss=case, loss_args=loss_args, lr=params["lr"],
-                                        estimator_lr_mult=params["lr_mult"], estimator_update=mode)
+    config = TrainConfig.official_linear(loss=case, loss_args=loss_args, lr=params["lr"],
+                                         estimator_lr_mult=params["lr_mult"], estimator_update=mode)
     num_images, dim = steps["feats"].shape
     probe = LinearProbe(dim, params["num_classes"], num_images, config, observed=targets)
     init = steps["init_state"]

@@ -301,7 +301,7 @@ def test_recipe_builds_the_release_architecture(name, key_list):
     with torch.device("meta"):
         ours, theirs = build_model(recipe).state_dict(), build_model(release).state_dict()
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
-    from mlic.engine.train import freeze
+    from mlic.engine.loop import freeze
 
     with torch.device("meta"):
         model = build_model(recipe)
