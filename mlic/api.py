@@ -206,28 +206,55 @@ class Model:
         return Explanation(list(self.classes), scores[0], maps[0])
 
 
-def evaluate(model: Model | str | Path, data: str | Path | None = None, split: str = "test", batch_size: int = 64,
-             workers: int = 2, strict_images: bool = False, max_bad_images: str = "1%") -> dict:
-    """``mlic eval`` as a function: the metrics table of ``model`` on ``data``'s ``split`` (no data: the
-    MultiDigits test split), with ``per_class_ap`` as a dict by class name."""
+@dataclass
+class Evaluation:
+    """What ``mlic eval`` prints: the metrics table and which images were scored."""
+
+    metrics: dict
+    """The table; ``per_class_ap`` a (K,) array (nan for classes with no known positive)."""
+    labelset: object
+    rows: np.ndarray
+    """The readable (scored) rows."""
+    bad: list[str]
+    """Messages of the unreadable images."""
+
+
+def evaluation(model: Model | str | Path, data: str | Path | None = None, split: str = "test", batch_size: int = 64,
+               workers: int = 2, strict_images: bool = False, max_bad_images: str = "1%") -> Evaluation:
+    """Score ``model`` on ``data``'s ``split`` (no data: the MultiDigits test split): the work of ``mlic eval``."""
+    import warnings
+
     from mlic.data.images import BadImageCheck, parse_bad_limit
     from mlic.data.labelset import LabelSetError
     from mlic.data.splits import evaluation_split
     from mlic.engine.evaluate import evaluate_scores, score_labelset
 
-    model = model if isinstance(model, Model) else load(model)
+    bad_limit = parse_bad_limit(max_bad_images)
+    model = model if isinstance(model, Model) else load(model, device=None)
     labelset = evaluation_split(Path(data) if data is not None else None, split)
     if labelset.classes != model.classes:
         raise LabelSetError(f"the model's {len(model.classes)} classes do not match the {labelset.num_classes} "
                             f"classes of {data}; evaluate on data with the same classes")
-    check = BadImageCheck(split, len(labelset), parse_bad_limit(max_bad_images), strict_images)
     torch_model = model.predictor.model
     if torch_model is None:
-        raise MlicError("mlic.evaluate needs a PyTorch model; load the run folder rather than its ONNX export")
+        raise MlicError("evaluation needs a PyTorch model; give the run folder rather than its ONNX export")
     cfg = torch_model.config
+    check = BadImageCheck(split, len(labelset), bad_limit, strict_images)
     scores, rows, bad = score_labelset(torch_model, labelset, cfg.img_size, cfg.mean, cfg.std,
                                        next(torch_model.parameters()).device, batch_size, workers, check=check)
-    metrics = evaluate_scores(scores, labelset.targets, rows=rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # classes without a known positive: mAP_classes says how many
+        metrics = evaluate_scores(scores, labelset.targets, rows=rows)
     metrics["unreadable_images"] = len(bad)
-    metrics["per_class_ap"] = dict(zip(labelset.classes, map(float, metrics["per_class_ap"])))
-    return metrics
+    return Evaluation(metrics, labelset, rows, bad)
+
+
+def evaluate(model: Model | str | Path, data: str | Path | None = None, split: str = "test", batch_size: int = 64,
+             workers: int = 2, strict_images: bool = False, max_bad_images: str = "1%") -> dict:
+    """``mlic eval`` as a function: the metrics table of ``model`` on ``data``'s ``split`` (no data: the
+    MultiDigits test split), with ``per_class_ap`` as a dict by class name (None for a class with no known
+    positive) and no NaN anywhere (None instead), as ``mlic eval --json`` writes it."""
+    from mlic.engine.report import finite_or_none, metrics_record
+
+    done = evaluation(model, data, split, batch_size, workers, strict_images, max_bad_images)
+    return finite_or_none(metrics_record(done.metrics, done.labelset.classes))

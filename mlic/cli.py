@@ -300,30 +300,16 @@ def evaluate(
     Partial labels (dense or sparse) are scored over their known entries only: a class with no known positive
     has AP nan (null in --json) and the mAP averages the classes with a known positive (mAP_classes).
     """
-    import warnings
+    from mlic.api import evaluation, load
+    from mlic.engine.predict import model_files
+    from mlic.outputs import Output, check_outputs
 
-    from mlic.data.images import BadImageCheck, parse_bad_limit
-    from mlic.data.labelset import LabelSetError
-    from mlic.data.splits import evaluation_split
-    from mlic.engine.checkpoint import load_model
-    from mlic.engine.evaluate import evaluate_scores, score_labelset
-
-    bad_limit = parse_bad_limit(max_bad_images)
-    model, meta = load_model(checkpoint)
-    labelset = evaluation_split(data, split)
-    if labelset.classes != meta["classes"]:
-        raise LabelSetError(f"{checkpoint}: the model's {len(meta['classes'])} classes do not match the "
-                            f"{labelset.num_classes} classes of {data}; evaluate on data with the same classes")
-    cfg = model.config
-    check = BadImageCheck(split, len(labelset), bad_limit, strict_images)
-    scores, rows, bad = score_labelset(model, labelset, cfg.img_size, cfg.mean, cfg.std,
-                                       next(model.parameters()).device, batch_size, workers, check=check)
+    if json_out:
+        check_outputs([Output("--json", json_out, "metrics-json")], model_files(checkpoint))
+    done = evaluation(load(checkpoint), data, split, batch_size, workers, strict_images, max_bad_images)
+    metrics, labelset, rows, bad = done.metrics, done.labelset, done.rows, done.bad
     if bad:
         typer.echo(f"skipped {len(bad)} unreadable images, e.g. {bad[0]}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # classes without a known positive: the title says how many
-        metrics = evaluate_scores(scores, labelset.targets, rows=rows)
-    metrics["unreadable_images"] = len(bad)
     title = f"{checkpoint} on {len(rows)} images" + (f" ({len(bad)} unreadable skipped)" if bad else "")
     averaged = (f"mAP over the {metrics['mAP_classes']} of {labelset.num_classes} classes with a known positive "
                 "(the others: nan)")

@@ -5,8 +5,8 @@ Each class's entries whose target is not -1 are gathered class chunk by class ch
 reduced to AP (scikit-learn and VOC), F1-best thresholds and threshold counts. The target matrix is never
 densified and the score matrix (an ndarray or a memmap, 125k × 9,605 on OpenImages) is never copied: only the
 scores at known entries are read, plus, for the top-3 metrics, one chunk of rows at a time. Results equal
-:mod:`mlic.metrics` on data that fits (tested), apart from the default rule for classes without a positive
-(``empty="exclude"`` here).
+:mod:`mlic.metrics` on data that fits (tested), with the same rule for classes without a known positive (AP
+NaN, left out of the mean by default, ``"mAP_classes"`` counting the classes averaged).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from mlic.errors import MlicError
 from mlic.metrics import (
     APMode,
     EmptyRule,
+    _averaged_classes,
     _check_options,
     _counts_to_metrics,
     _mean_ap,
@@ -245,9 +246,9 @@ def known_metrics_table(
 ) -> dict[str, float | np.ndarray]:
     """The evaluation table over the known entries only, for sparse (OpenImages-size) targets; in percent.
 
-    Equal to :func:`metrics_table` on ``scores[rows]`` and the dense ``targets[rows]`` (-1 ignored, as there),
-    except for the rule for classes without a known positive (``empty``, default ``"exclude"`` here: the
-    OpenImages protocol) and the extra key ``"mAP_classes"``. Memory is O(known entries) plus one chunk:
+    Equal to :func:`metrics_table` on ``scores[rows]`` and the dense ``targets[rows]`` (-1 ignored, as there,
+    and the same default rule ``empty="exclude"`` for classes without a known positive: the OpenImages
+    protocol). Memory is O(known entries) plus one chunk:
     the target matrix is never densified and the scores are never copied whole.
 
     * ``"mAP"``, ``"mAP_voc"``, ``"per_class_ap"``: per-class AP over each class's known entries, gathered
@@ -295,7 +296,7 @@ def known_metrics_table(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the same classes were just reported
         table["mAP_voc"] = _mean_ap(ap_voc, empty)
-    table["mAP_classes"] = k if empty == "zero" else int((~np.isnan(ap)).sum())
+    table["mAP_classes"] = _averaged_classes(ap, empty)
     table.update(_counts_to_metrics(true_pos, num_predicted, num_positive))
     if top3:
         true_pos[:], num_predicted[:] = 0, 0

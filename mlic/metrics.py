@@ -17,19 +17,20 @@ Conventions:
   are ordered). ``mode="voc"`` is the all-point interpolated VOC AP reported by Query2Label
   (precision envelope, i.e. the running maximum from the right); it depends on the order of tied
   scores, which is fixed here as ascending row index (a stable sort on descending score).
-* **Classes without a positive target** have no defined AP. :func:`average_precision` gives them
-  ``NaN`` and warns with their number. The rule for the mean is chosen where the mean is taken:
-  ``mean_average_precision(..., empty="zero")`` (default) counts them as AP 0, which is what a
-  scikit-learn per-class loop and Cole et al. report; ``empty="exclude"`` averages over the
-  remaining classes only. Both warn, saying which rule was applied.
+* **Classes without a known positive** (every entry 0 or -1) have no defined AP. :func:`average_precision`
+  gives them ``NaN`` (``null`` in mlic's JSON) and warns with their number. The rule for the mean is
+  chosen where the mean is taken: ``empty="exclude"`` (default) averages over the classes with a known
+  positive, and :func:`metrics_table` says how many in ``"mAP_classes"``; ``empty="zero"`` counts the
+  others as AP 0, which is what a scikit-learn per-class loop and Cole et al. report. On data where every
+  class has a positive the two agree. Both warn, saying which rule was applied.
 * **0/0** in the threshold metrics (precision of a class never predicted, recall of a class with
   no positive, an F1 whose precision and recall are both 0) is treated as 0, as ML-GCN does
   for precision.
 
 **Sparse targets** (OpenImages size: 125k images x 9,605 classes, ~1% known) go through the ``known_*``
 functions (:func:`known_metrics_table`, :func:`known_average_precision`, :func:`known_best_thresholds`): they
-read the known entries class chunk by class chunk (``targets.by_class()``) and gather only their scores, and
-default to ``empty="exclude"``, as the OpenImages protocol does.
+read the known entries class chunk by class chunk (``targets.by_class()``) and gather only their scores, with
+the same default rule ``empty="exclude"`` (the OpenImages protocol's).
 
 Everything is vectorised over classes: one sort of the ``(K, N)`` score matrix (a plain integer
 sort of packed keys for float32 scores, an argsort for float64), then binary searches over the
@@ -218,7 +219,7 @@ def _warn_empty(ap: np.ndarray, consequence: str, stacklevel: int) -> None:
         )
 
 
-def _check_options(mode: APMode, empty: EmptyRule = "zero") -> None:
+def _check_options(mode: APMode, empty: EmptyRule = "exclude") -> None:
     if mode not in ("sklearn", "voc"):
         raise MlicError(f"mode must be 'sklearn' or 'voc', got {mode!r}")
     if empty not in ("zero", "exclude"):
@@ -235,6 +236,11 @@ def _mean_ap(ap: np.ndarray, empty: EmptyRule) -> float:
         kept = ap[~np.isnan(ap)]
         return float(kept.mean() * 100) if kept.size else float("nan")
     raise AssertionError(empty)
+
+
+def _averaged_classes(ap: np.ndarray, empty: EmptyRule) -> int:
+    """How many classes a mean under ``empty`` averages: all, or those with a known positive (AP not NaN)."""
+    return int(ap.size) if empty == "zero" else int((~np.isnan(ap)).sum())
 
 
 def average_precision(scores: np.ndarray, targets: np.ndarray, mode: APMode = "sklearn") -> np.ndarray:
@@ -257,7 +263,7 @@ def average_precision(scores: np.ndarray, targets: np.ndarray, mode: APMode = "s
 
 
 def mean_average_precision(
-    scores: np.ndarray, targets: np.ndarray, mode: APMode = "sklearn", empty: EmptyRule = "zero"
+    scores: np.ndarray, targets: np.ndarray, mode: APMode = "sklearn", empty: EmptyRule = "exclude"
 ) -> float:
     """Mean of the per-class average precision, in percent.
 
@@ -265,11 +271,11 @@ def mean_average_precision(
         scores: Scores, shape ``(N, K)``.
         targets: 1 / 0 / -1, shape ``(N, K)``.
         mode: ``"sklearn"`` or ``"voc"``, see :func:`average_precision`.
-        empty: What a class without a positive target contributes: ``"zero"`` counts it as AP 0,
-            ``"exclude"`` leaves it out of the mean. A warning says how many there were.
+        empty: What a class without a known positive contributes: ``"exclude"`` (default) leaves it out
+            of the mean, ``"zero"`` counts it as AP 0. A warning says how many there were.
 
     Returns:
-        mAP in percent; NaN if ``empty="exclude"`` and no class has a positive.
+        mAP in percent; NaN if ``empty="exclude"`` and no class has a known positive.
     """
     _check_options(mode, empty)
     scores, targets = _validate(scores, targets)
@@ -388,7 +394,7 @@ def metrics_table(
     targets: np.ndarray,
     threshold: float | np.ndarray = 0.5,
     mode: APMode = "sklearn",
-    empty: EmptyRule = "zero",
+    empty: EmptyRule = "exclude",
 ) -> dict[str, float | np.ndarray]:
     """The whole evaluation table, in percent.
 
@@ -397,13 +403,14 @@ def metrics_table(
         targets: 1 / 0 / -1, shape ``(N, K)``.
         threshold: Float or per-class ``(K,)`` threshold for the threshold metrics.
         mode: AP mode behind ``"mAP"`` and ``"per_class_ap"``; ``"mAP_voc"`` is always VOC.
-        empty: Rule for classes without a positive in both means, see :func:`mean_average_precision`.
+        empty: Rule for classes without a known positive in both means, see :func:`mean_average_precision`.
 
     Returns:
-        ``"mAP"``, ``"mAP_voc"``, ``"CP"``, ``"CR"``, ``"CF1"``, ``"OP"``, ``"OR"``, ``"OF1"`` and the
-        same six with a ``"_top3"`` suffix (top-3 predictions per image), as Python floats, plus
-        ``"per_class_ap"``: per-class AP in percent, shape ``(K,)``, NaN for classes without a
-        positive.
+        ``"mAP"``, ``"mAP_voc"``, ``"mAP_classes"`` (how many classes the means average: those with a
+        known positive, or all K with ``empty="zero"``), ``"CP"``, ``"CR"``, ``"CF1"``, ``"OP"``,
+        ``"OR"``, ``"OF1"`` and the same six with a ``"_top3"`` suffix (top-3 predictions per image), as
+        Python numbers, plus ``"per_class_ap"``: per-class AP in percent, shape ``(K,)``, NaN for
+        classes without a known positive.
     """
     _check_options(mode, empty)
     scores, targets = _validate(scores, targets)
@@ -414,6 +421,7 @@ def metrics_table(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the same classes were just reported
         table["mAP_voc"] = _mean_ap(ap_voc, empty)
+    table["mAP_classes"] = _averaged_classes(ap, empty)
     table.update(_threshold_metrics(scores, targets, threshold, None))
     top3 = _threshold_metrics(scores, targets, threshold, 3)
     table.update({f"{key}_top3": value for key, value in top3.items()})

@@ -107,7 +107,7 @@ def test_known_metrics_table_equals_metrics_table_on_dense_targets_with_unknowns
         warnings.simplefilter("ignore", UserWarning)
         expected = metrics_table(scores, targets, threshold=threshold, empty=empty)
         table = known_metrics_table(scores, given, threshold=threshold, empty=empty, chunk_entries=chunk_entries)
-    assert set(table) == set(expected) | {"mAP_classes"}
+    assert set(table) == set(expected)  # mAP_classes included: the two paths give the same table
     for key, value in expected.items():
         np.testing.assert_allclose(table[key], value, atol=1e-10, err_msg=key)
     assert table["mAP_classes"] == (13 if empty == "zero" else 11)  # classes 0 and 1 have no known positive
@@ -168,3 +168,17 @@ def test_known_best_thresholds_equal_best_thresholds(dtype, chunk_entries):
         known_best_thresholds(scores, NeverDense(targets), fallback=0.25, rows=rows, chunk_entries=chunk_entries),
         best_thresholds(scores[rows], targets[rows], fallback=0.25))
     np.testing.assert_array_equal(known_best_thresholds(scores, targets), best_thresholds(scores, targets))
+
+
+def test_sparse_defaults_are_the_dense_defaults():
+    from mlic.data.labelset import SparseTargets
+
+    scores, targets = partial_problem(n=120, k=9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dense = metrics_table(scores, targets)  # no rule given: a class without a known positive is left out
+        sparse = known_metrics_table(scores, SparseTargets.from_dense(targets))
+        assert known_mean_average_precision(scores, targets) == pytest.approx(mean_average_precision(scores, targets))
+    assert sparse["mAP_classes"] == dense["mAP_classes"] == 7 and np.isnan(sparse["per_class_ap"][:2]).all()
+    for key, value in dense.items():
+        np.testing.assert_allclose(sparse[key], value, atol=1e-10, err_msg=key)

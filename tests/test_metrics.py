@@ -154,11 +154,12 @@ def test_empty_rules_for_the_mean():
         reference = sklearn_ap(scores, targets)
     assert reference[3] == 0  # the sklearn loop counts it as 0 ...
     with pytest.warns(UserWarning, match=r"1 of 7 .*empty='zero'") as record:
-        zero = mean_average_precision(scores, targets)
+        zero = mean_average_precision(scores, targets, empty="zero")
     assert record[0].filename == __file__
     assert zero == pytest.approx(100 * reference.mean(), abs=1e-9)  # ... and so does empty="zero"
-    with pytest.warns(UserWarning, match=r"1 of 7 .*empty='exclude'"):
-        excluded = mean_average_precision(scores, targets, empty="exclude")
+    with pytest.warns(UserWarning, match=r"1 of 7 .*empty='exclude'") as record:
+        excluded = mean_average_precision(scores, targets)  # the default: the class has no AP to average
+    assert record[0].filename == __file__
     assert excluded == pytest.approx(100 * np.delete(reference, 3).mean(), abs=1e-9)
     assert excluded > zero
 
@@ -342,7 +343,8 @@ def test_metrics_table_agrees_with_the_parts(dtype):
     top3 = threshold_metrics(scores, targets, threshold=0.6, top_k=3)
     assert {key: table[f"{key}_top3"] for key in top3} == pytest.approx(top3)
     np.testing.assert_allclose(table["per_class_ap"], 100 * average_precision(scores, targets))
-    floats = {key: value for key, value in table.items() if key != "per_class_ap"}
+    assert table["mAP_classes"] == 8 and type(table["mAP_classes"]) is int
+    floats = {key: value for key, value in table.items() if key not in ("per_class_ap", "mAP_classes")}
     assert len(floats) == 14 and all(type(value) is float for value in floats.values())
     json.dumps(floats)
 
@@ -355,3 +357,20 @@ def test_metrics_table_warns_once_for_empty_classes():
     assert len(record) == 1 and "1 of 7" in str(record[0].message) and record[0].filename == __file__
     assert np.isnan(table["per_class_ap"][0])
     assert table["mAP"] == table["mAP_voc"] == pytest.approx(np.nanmean(table["per_class_ap"]))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_class_whose_labels_are_all_unknown_has_no_ap_and_is_not_averaged(dtype):
+    scores, targets = make_data(6, unknown=0.2, dtype=dtype)
+    targets[:, 2] = -1  # nothing known: no positive to rank
+    targets[:, 5] = np.where(targets[:, 5] == 1, -1, targets[:, 5])  # known negatives only
+    with pytest.warns(UserWarning, match=r"2 of 7 .*empty='exclude'"):
+        table = metrics_table(scores, targets)
+    assert np.isnan(table["per_class_ap"][[2, 5]]).all() and table["mAP_classes"] == 5
+    others = [j for j in range(7) if j not in (2, 5)]
+    assert table["mAP"] == pytest.approx(100 * sklearn_ap(scores[:, others], targets[:, others]).mean(), abs=1e-9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        assert mean_average_precision(scores, targets) == pytest.approx(table["mAP"], abs=1e-12)
+        zero = metrics_table(scores, targets, empty="zero")  # the rule that counts them as 0, on request
+    assert zero["mAP_classes"] == 7 and zero["mAP"] == pytest.approx(table["mAP"] * 5 / 7)

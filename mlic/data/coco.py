@@ -21,12 +21,13 @@ import contextlib
 import io
 import json
 import os
-from pathlib import Path, PurePosixPath, PureWindowsPath
+import posixpath
+from pathlib import Path
 
 import numpy as np
 from pycocotools.coco import COCO
 
-from mlic.data.labelset import LabelSet, LabelSetError
+from mlic.data.labelset import LabelSet, LabelSetError, class_name_problem, image_path_problem
 from mlic.errors import MlicError
 
 ORDERS = ("all", "cole")
@@ -147,6 +148,9 @@ def _check_entries(path, entries: list, section: str, noun: str, text_key: str, 
             raise LabelSetError(f"{path}: field '{field}.id' is missing or not an integer")
         if not isinstance(entry.get(text_key), str) or not entry[text_key]:
             raise LabelSetError(f"{path}: field '{field}.{text_key}' is missing or not a string")
+        if text_key == "name" and (problem := class_name_problem(entry["name"])) is not None:
+            raise LabelSetError(f"{path}: field '{field}.name': class {entry['name']!r} {problem}; class names "
+                                "must be non-empty strings on one line")
         if entry["id"] in ids:
             raise LabelSetError(f"{path}: field '{field}.id': {noun} id {entry['id']} appears twice")
         if unique_text and entry[text_key] in texts:
@@ -155,7 +159,6 @@ def _check_entries(path, entries: list, section: str, noun: str, text_key: str, 
         ids.add(entry["id"])
         texts.add(entry[text_key])
     return ids
-
 
 
 def _check(path: Path, data) -> None:
@@ -170,12 +173,17 @@ def _check(path: Path, data) -> None:
         raise LabelSetError(f"{path}: field 'categories' is empty")
     category_ids = _check_entries(path, data["categories"], "categories", "category", "name", unique_text=True)
     image_ids = _check_entries(path, data["images"], "images", "image", "file_name", unique_text=False)
+    owner: dict[str, int] = {}  # normalised file name -> id of the first image with it
     for i, entry in enumerate(data["images"]):
-        name = str(entry["file_name"])
-        parts = PurePosixPath(name.replace("\\", "/")).parts
-        if not name or name.startswith(("/", "\\")) or PureWindowsPath(name).drive or ".." in parts:
-            raise LabelSetError(f"{path}: field 'images[{i}].file_name': {name!r} leaves the image folder; "
-                                "file names must be relative paths inside it")
+        name = entry["file_name"]
+        if (problem := image_path_problem(name)) is not None:
+            raise LabelSetError(f"{path}: field 'images[{i}].file_name': {name!r} leaves the image folder "
+                                f"({problem}); file names must be relative paths inside it")
+        key = posixpath.normpath(name.replace("\\", "/"))
+        if key in owner:
+            raise LabelSetError(f"{path}: field 'images[{i}].file_name': images {owner[key]} and {entry['id']} "
+                                f"share the file name {name!r}; each image id needs its own file")
+        owner[key] = entry["id"]
     for i, ann in enumerate(data["annotations"]):
         field = f"annotations[{i}]"
         if not isinstance(ann, dict):

@@ -57,6 +57,105 @@ class LabelSetError(MlicError):
     """A LabelSet is malformed; the message names the file or field and the fix."""
 
 
+class LabelSetContentError(LabelSetError):
+    """A class name or image path a LabelSet cannot hold, refused where no file is known (the constructor);
+    whoever read the file (``LabelSet.load``, ``prepare``) names it in front of the message."""
+
+
+def class_name_problem(name) -> str | None:
+    """Why ``name`` cannot be a class name (it must be a non-empty string on one line), or None."""
+    if not isinstance(name, str):
+        return f"is not a string ({type(name).__name__})"
+    if not name.strip():
+        return "is empty"
+    if not name.isprintable():
+        return "holds a line break or another control character"
+    return None
+
+
+def check_class_names(classes, source: str | None = None) -> list[str]:
+    """The K class names as plain ``str``, refused unless each is a non-empty one-line string and all differ.
+
+    Every table mlic writes (CSV predictions, reports, per-class columns) has one field per class, which a
+    line break, an empty or a repeated name would break.
+
+    Args:
+        classes: the names, in column order.
+        source: the file they come from, named first in the message; None raises
+            :class:`LabelSetContentError` for the caller that knows the file.
+
+    Raises:
+        LabelSetError: one line naming the file, the class and the fix.
+    """
+    error, prefix = (LabelSetError, f"{source}: ") if source is not None else (LabelSetContentError, "")
+    names = list(classes)
+    first: dict[str, int] = {}
+    for j, name in enumerate(names):
+        problem = class_name_problem(name)
+        if problem is not None:
+            raise error(f"{prefix}class {j} ({name!r}) {problem}; class names must be non-empty strings on one line")
+        if name in first:
+            raise error(f"{prefix}class {name!r} appears twice (classes {first[name]} and {j}); give each class "
+                        "its own name")
+        first[name] = j
+    return [str(name) for name in names]
+
+
+def image_path_problem(name) -> str | None:
+    """Why ``name`` cannot be an image path of a LabelSet ("absolute", "a '..' component", ...), or None.
+
+    Image paths are relative to the LabelSet's root and must stay inside it, judged on the text alone (as
+    written, ``\\`` counting as a separator): not empty, not absolute (``/x``, ``\\x``, ``C:x``), no ``..``
+    component. Symbolic links inside the root are followed as they are: a data set may link its image folder
+    elsewhere, and judging links would mean a stat per image.
+    """
+    if not isinstance(name, str):
+        return f"not a string ({type(name).__name__})"
+    if not name:
+        return "empty"
+    posix = name.replace("\\", "/")
+    if posix.startswith("/") or (name[1:2] == ":" and name[0].isascii()):  # a drive, as C:x
+        return "absolute"
+    if ".." in posix.split("/"):
+        return "a '..' component"
+    return None
+
+
+def _escaping_rows(encoded: np.ndarray) -> np.ndarray:
+    """Rows of an ``S`` bytes array (N,) that :func:`image_path_problem` refuses, read 1M at a time."""
+    bad = []
+    for start in range(0, encoded.shape[0], 1 << 20):
+        block = np.asarray(encoded[start:start + (1 << 20)])
+        posix = np.strings.replace(block, b"\\", b"/")
+        refused = (np.strings.str_len(block) == 0) | np.strings.startswith(posix, b"/") \
+            | (np.strings.find(block, b":") == 1) | (posix == b"..") | np.strings.startswith(posix, b"../") \
+            | np.strings.endswith(posix, b"/..") | (np.strings.find(posix, b"/../") >= 0)
+        bad.append(np.flatnonzero(refused) + start)
+    return np.concatenate(bad) if bad else np.zeros(0, np.int64)
+
+
+def check_image_paths(paths, source, error: type[LabelSetError] = LabelSetError) -> None:
+    """Refuse image paths that leave the image root (the rule of :func:`image_path_problem`).
+
+    Args:
+        paths: a list of str or an :class:`ImagePaths` (checked vectorised, ~1 s per 10M paths).
+        source: the file (or folder) the paths come from, named first in the message.
+        error: the error class to raise.
+
+    Raises:
+        ``error``: one line naming ``source``, the first refused row and its path.
+    """
+    if isinstance(paths, ImagePaths):
+        rows = _escaping_rows(paths.encoded)
+        first = int(rows[0]) if rows.size else None
+    else:
+        first = next((i for i, name in enumerate(paths) if image_path_problem(name) is not None), None)
+    if first is not None:
+        name = paths[first]
+        raise error(f"{source}: row {first}: image path {name!r} leaves the image folder ({image_path_problem(name)}); "
+                    "image paths must be relative paths inside it")
+
+
 class ImagePaths(Sequence):
     """N image paths held as one UTF-8 bytes array (N,), e.g. memory-mapped; reads like a list of str.
 
@@ -319,9 +418,12 @@ class LabelSet:
     """Images with multi-label targets.
 
     Attributes:
-        classes: K class names, unique.
+        classes: K class names: distinct, non-empty strings on one line (:func:`check_class_names`,
+            refused by the constructor).
         image_paths: N paths relative to ``root`` (POSIX separators): a list of str, or an
             :class:`ImagePaths` (compact, what ``load`` gives above :data:`PATHS_IN_NPY_ABOVE` images).
+            ``save`` (and ``load``, for paths in the header) refuses a path that leaves ``root``
+            (:func:`image_path_problem`); an unsaved LabelSet may hold any path (``mlic predict``'s inputs).
         targets: int8 (N, K): 1 positive, 0 negative, -1 unknown. The clean labels when known.
             A dense ndarray or a :class:`SparseTargets` (same reading API).
         root: folder the image paths are relative to.
@@ -339,7 +441,7 @@ class LabelSet:
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.classes = [str(c) for c in self.classes]
+        self.classes = check_class_names(self.classes)
         if not isinstance(self.image_paths, ImagePaths):
             self.image_paths = [str(p) for p in self.image_paths]
         self.targets = check_targets(self.targets)
@@ -348,10 +450,6 @@ class LabelSet:
             raise LabelSetError(f"{len(self.classes)} class names but targets have {k} columns")
         if len(self.image_paths) != n:
             raise LabelSetError(f"{len(self.image_paths)} image paths but targets have {n} rows")
-        seen: set[str] = set()
-        dupes = [c for c in self.classes if c in seen or seen.add(c)]
-        if dupes:
-            raise LabelSetError(f"duplicate class names: {sorted(set(dupes))[:5]}")
         if self.observed is not None:
             self.observed = check_targets(self.observed, "observed")
             if self.observed.shape != self.targets.shape:
@@ -432,6 +530,7 @@ class LabelSet:
         if storage not in ("auto", "dense", "sparse"):
             raise MlicError(f"storage must be 'auto', 'dense' or 'sparse', got {storage!r}")
         directory = Path(directory)
+        check_image_paths(self.image_paths, f"{directory}: image_paths")
         directory.mkdir(parents=True, exist_ok=True)
         sparse = []
         for name, matrix in (("targets", self.targets), ("observed", self.observed)):
@@ -511,6 +610,8 @@ class LabelSet:
             raise LabelSetError(f"{directory}: cannot read the target matrix ({e}); prepare the data again") from None
         root = header.get("root", ".")
         root = str((directory / root).resolve()) if not os.path.isabs(root) else root
+        if isinstance(paths, list):  # a hand-edited header; the npy form was checked when saved
+            check_image_paths(paths, f"{header_path}: field 'image_paths'")
         try:
             return cls(
                 classes=header["classes"],
@@ -521,6 +622,8 @@ class LabelSet:
                 observed=observed,
                 meta=header.get("meta", {}),
             )
+        except LabelSetContentError as e:
+            raise LabelSetError(f"{header_path}: {e}") from None
         except LabelSetError as e:
             raise LabelSetError(f"{directory}: {e}") from None
 

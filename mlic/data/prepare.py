@@ -33,7 +33,7 @@ import numpy as np
 
 from mlic.data.coco import read_coco_splits
 from mlic.data.cub import read_cub
-from mlic.data.labelset import LabelSet, LabelSetError
+from mlic.data.labelset import LabelSet, LabelSetContentError, LabelSetError, check_image_paths
 from mlic.data.nuswide import read_nuswide
 from mlic.data.observe import observe as draw_observed
 from mlic.data.table import read_table
@@ -135,7 +135,9 @@ def prepare(kind: str, root: str | os.PathLike, out: str | os.PathLike, observe:
         {split: folder} for every split written.
 
     Raises:
-        LabelSetError: an annotation file is malformed (one line naming file and field).
+        LabelSetError: an annotation file is malformed (one line naming file and field), a class name is
+            empty, repeated, not a string or not on one line, or an image path leaves the image folder
+            (absolute, or with a ``..`` component; symbolic links inside it are followed as they are).
         ValueError: an unknown kind, option or observation scheme.
     """
     known = kind_options(kind)
@@ -145,7 +147,12 @@ def prepare(kind: str, root: str | os.PathLike, out: str | os.PathLike, observe:
     if not 0.0 <= val_fraction < 1.0:
         raise MlicError(f"val_fraction must be in [0, 1), got {val_fraction}")
     draw_observed(np.zeros((0, 1), np.int8), observe, seed)  # an unknown scheme fails before any reading
-    sets = READERS[kind](Path(root), **options)
+    try:
+        sets = READERS[kind](Path(root), **options)
+    except LabelSetContentError as e:  # a reader built a LabelSet its files cannot make; name them
+        raise LabelSetError(f"{root}: {e}") from None
+    for split, labelset in sets.items():  # every reader: no image path may leave its image folder
+        check_image_paths(labelset.image_paths, f"{root}: {split} split")
     observed = draw_observed(sets["train"].targets, observe, seed)
     if observed is not None:
         sets["train"] = sets["train"].with_observed(observed)

@@ -9,8 +9,12 @@ Layouts (the first row of a CSV/TSV is a header; the path column is called ``pat
   or ``{"path": "a.jpg", "cat": 1, "dog": -1}``.
 - Folder plus JSON mapping: a ``.json`` file holding ``{"a.jpg": ["cat", "dog"], "b.jpg": []}``.
 
-Image paths are relative to ``images`` (default: the table's folder). Every problem is reported as one
-line naming the file, the line (or key) and the field.
+Image paths are relative to ``images`` (default: the table's folder) and must stay inside it: a path
+that is absolute outside that folder or has a ``..`` component is refused (an absolute path inside it is
+stored relative). The rule is the one every reader shares, :func:`mlic.data.labelset.image_path_problem`;
+it is judged on the text, so symbolic links inside the folder are followed as they are. Class names must be
+non-empty strings on one line (:func:`mlic.data.labelset.check_class_names`). Every problem is reported as
+one line naming the file, the line (or key) and the field.
 """
 
 from __future__ import annotations
@@ -18,11 +22,12 @@ from __future__ import annotations
 import csv
 import json
 import os
+import posixpath
 from pathlib import Path
 
 import numpy as np
 
-from mlic.data.labelset import LabelSet, LabelSetError
+from mlic.data.labelset import LabelSet, LabelSetError, check_class_names, class_name_problem, image_path_problem
 
 LABEL_SEPARATOR = "|"
 _VALUES = {"1": 1, "0": 0, "-1": -1}
@@ -76,8 +81,8 @@ def read_table(path: str | os.PathLike, images: str | os.PathLike | None = None,
         rows = _jsonl_rows(path)
     else:
         rows = _delimited_rows(path, "," if fmt == "csv" else "\t")
-    paths, classes, targets = _to_matrix(path, rows, classes)
     root = Path(images) if images is not None else path.parent
+    paths, classes, targets = _to_matrix(path, rows, classes, root)
     meta = {"source": "table", "file": str(path)}
     return LabelSet(classes, paths, targets, root=str(root), split=split, meta=meta)
 
@@ -108,6 +113,8 @@ def _delimited_rows(path: Path, delimiter: str) -> list[_Row]:
             if len(set(header)) != len(header):
                 dupes = sorted({h for h in header if header.count(h) > 1})
                 raise LabelSetError(f"{path}: line 1: duplicate columns {dupes}")
+            if not (len(header) == 2 and "labels" in header):
+                check_class_names([h for h in header if h != "path"], f"{path}: line 1")
             path_col = header.index("path")
             by_labels = len(header) == 2 and "labels" in header
             for record in reader:
@@ -193,21 +200,49 @@ def _mapping_rows(path: Path) -> list[_Row]:
             for image, labels in mapping.items()]
 
 
-def _to_matrix(path: Path, rows: list[_Row], classes: list[str] | None) -> tuple[list[str], list[str], np.ndarray]:
+def _image_path(path: Path, where: str, image: str, root: Path) -> str:
+    """``image`` as a path relative to ``root``; refused (one line) when it leaves ``root``."""
+    if os.path.isabs(image):  # inside root, judged on the text (also against root's real location): relative
+        for base in dict.fromkeys((os.path.abspath(root), os.path.realpath(root))):
+            relative = os.path.relpath(os.path.normpath(image), base)
+            if image_path_problem(relative) is None and relative != ".":
+                image = relative.replace(os.sep, "/")
+                break
+    problem = image_path_problem(image)
+    if problem is not None:
+        raise LabelSetError(f"{path}: {where}: image path {image!r} leaves the image folder {root} ({problem}); "
+                            "give paths relative to it (option images= sets it)")
+    return image
+
+
+def _to_matrix(path: Path, rows: list[_Row], classes: list | None,
+               root: Path) -> tuple[list[str], list[str], np.ndarray]:
     seen: dict[str, str] = {}
+    images = []
     for where, image, _ in rows:
         if not image:
             raise LabelSetError(f"{path}: {where}: field 'path' is empty")
-        if image in seen:
-            raise LabelSetError(f"{path}: {where}: duplicate path '{image}' (first on {seen[image]})")
-        seen[image] = where
+        image = _image_path(path, where, image, root)
+        key = posixpath.normpath(image.replace("\\", "/"))
+        if key in seen:
+            raise LabelSetError(f"{path}: {where}: duplicate path '{image}' (first on {seen[key]})")
+        seen[key] = where
+        images.append(image)
     per_class = bool(rows) and isinstance(rows[0][2], dict)
     if classes is None:
         if per_class:
-            classes = list(rows[0][2])
+            classes = check_class_names(list(rows[0][2]), f"{path}: {rows[0][0]}")
         else:
+            for where, _, labels in rows:
+                for name in labels:
+                    if (problem := class_name_problem(name)) is not None:
+                        raise LabelSetError(f"{path}: {where}: label {name!r} {problem}; class names must be "
+                                            "non-empty strings on one line")
             classes = sorted({name for _, _, labels in rows for name in labels})
-    classes = [str(c) for c in classes]
+    else:
+        # a list given as an option: YAML may read the names 1, 2 as numbers, which name the labels '1', '2'
+        classes = [str(c) if isinstance(c, (int, float)) and not isinstance(c, bool) else c for c in classes]
+        classes = check_class_names(classes, f"{path}: the class list given (option classes)")
     if not classes:
         raise LabelSetError(f"{path}: no classes found; give the labels of at least one image or a class list")
     column = {name: j for j, name in enumerate(classes)}
@@ -226,4 +261,4 @@ def _to_matrix(path: Path, rows: list[_Row], classes: list[str] | None) -> tuple
                 if name not in column:
                     raise LabelSetError(f"{path}: {where}: unknown label '{name}' (not in the class list)")
                 targets[i, column[name]] = 1
-    return [image for _, image, _ in rows], classes, targets
+    return images, classes, targets

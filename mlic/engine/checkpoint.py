@@ -75,16 +75,16 @@ def weights_id(state: dict[str, torch.Tensor]) -> str:
 
 
 def check_class_names(classes, source, error: type[MlicError] = MlicError) -> list[str]:
-    """A model's class names: a non-empty list of distinct, non-empty, one-line strings."""
+    """A model's class names: a non-empty list under the one rule of :func:`mlic.data.labelset.check_class_names`."""
+    from mlic.data.labelset import LabelSetError
+    from mlic.data.labelset import check_class_names as check_names
+
     if not isinstance(classes, list) or not classes:
         raise error(f"{source}: 'classes' must be a non-empty list of class names")
-    for name in classes:
-        if not isinstance(name, str) or not name.strip() or not name.isprintable():
-            raise error(f"{source}: class name {name!r} must be a non-empty string on one line")
-    if len(set(classes)) != len(classes):
-        twice = sorted({c for c in classes if classes.count(c) > 1})[:3]
-        raise error(f"{source}: class names {twice} appear more than once")
-    return classes
+    try:
+        return check_names(classes, str(source))
+    except LabelSetError as e:
+        raise error(str(e)) from None
 
 
 def check_model_meta(meta, source, num_outputs: int | None = None, error: type[MlicError] = CheckpointError) -> dict:

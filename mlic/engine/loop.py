@@ -42,6 +42,7 @@ from mlic.engine.evaluate import (
     scoring_data,
 )
 from mlic.engine.job import RunResult, TrainJob
+from mlic.engine.report import finite_or_none, metrics_jsonl
 from mlic.engine.resume import (
     labelset_fingerprint,
     load_state,
@@ -200,14 +201,14 @@ def drive(steps, val_targets, test_targets, job: TrainJob | LoopSettings, main: 
                   "bad_images": train_check.count, "val_bad_images": val_check.count,
                   "skipped_steps": partial.skipped_steps}
         history.append(record)
-        improved = val["mAP"] > best.val_map
+        improved = best.epoch < 0 or val["mAP"] > best.val_map  # a NaN mAP (no class with a positive) keeps epoch 1
         if improved:
             best = Best(val["mAP"], epoch + 1, steps.snapshot(), fit_thresholds(scores, val_targets, rows),
                         scalars(val))
         if writes and steps.saves_every_epoch:
             if improved:
                 publish(steps, best, out_dir)
-            atomic_write_bytes(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history).encode())
+            atomic_write_bytes(out_dir / "metrics.jsonl", metrics_jsonl(history).encode())
             save_resume_state(epoch + 1, 0)
             last_save[0] = time.monotonic()
         for check in (train_check, val_check):
@@ -220,7 +221,7 @@ def drive(steps, val_targets, test_targets, job: TrainJob | LoopSettings, main: 
 
     if writes and not steps.saves_every_epoch:
         publish(steps, best, out_dir)
-        atomic_write_bytes(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history).encode())
+        atomic_write_bytes(out_dir / "metrics.jsonl", metrics_jsonl(history).encode())
     test_metrics, test_scores = None, None
     if test_targets is not None:
         dist.barrier()  # rank 0 wrote the best model
@@ -265,7 +266,7 @@ def publish(steps, best: Best, out_dir: Path) -> None:
 
 def scalars(metrics: dict) -> dict:
     """The float entries of a metrics table (JSON-friendly)."""
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, np.floating))}
+    return finite_or_none({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, np.floating))})
 
 
 # ---------------------------------------------------------------------------------------------------------------

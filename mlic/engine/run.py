@@ -9,7 +9,6 @@ report, plots).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +18,6 @@ import torch
 from mlic.engine import dist
 from mlic.engine.job import MODES, RunResult, TrainJob
 from mlic.errors import MlicError
-from mlic.io import atomic_write_bytes
 
 
 def cpu_count() -> int:
@@ -92,15 +90,13 @@ def finish(job: TrainJob, result: RunResult) -> None:
     """What every finished run writes beside its model: test_metrics.json, test_scores.npy, report.md, plots."""
     import numpy as np
 
-    from mlic.engine.report import write_report
+    from mlic.engine.report import write_metrics_json, write_report
     from mlic.io import atomic_save_npy
 
     out, test = Path(job.out), job.splits.test
     classes = job.splits.train.classes
     atomic_save_npy(out / "test_scores.npy", result.test_scores)
-    metrics = {k: v for k, v in result.test_metrics.items() if k != "per_class_ap"}
-    metrics["per_class_ap"] = dict(zip(classes, map(float, result.test_metrics["per_class_ap"])))
-    atomic_write_bytes(out / "test_metrics.json", json.dumps(metrics, indent=1).encode())
+    write_metrics_json(out / "test_metrics.json", result.test_metrics, classes)
     targets = None if test.sparse else np.asarray(test.targets)  # PR curves need dense targets; sparse: none drawn
     write_report(out, f"mlic run {out.name}", result.test_metrics, classes, result.history, result.test_scores,
                  targets, notes=[f"model: {job.model.backbone} + {job.model.head}; loss "

@@ -107,6 +107,10 @@ def corrupt(path: Path, change) -> None:
     (lambda d: d["categories"][1].__setitem__("id", 3), r"categories\[1\]\.id': category id 3 appears twice"),
     (lambda d: d["categories"][2].__setitem__("name", "car"), r"categories\[2\]\.name': category name 'car'"),
     (lambda d: d["images"][1].__setitem__("id", "10"), r"images\[1\]\.id' is missing or not an integer"),
+    (lambda d: d["categories"][1].__setitem__("name", "per\nson"),
+     r"categories\[1\]\.name': class 'per\\nson' holds a line break"),
+    (lambda d: d["categories"][0].__setitem__("name", "  "), r"categories\[0\]\.name': class '  ' is empty"),
+    (lambda d: d["categories"][2].__setitem__("name", 7), r"categories\[2\]\.name' is missing or not a string"),
 ])
 def test_malformed_file_one_line_naming_file_and_field(tmp_path, change, message):
     path = write_coco(tmp_path)
@@ -133,3 +137,16 @@ def test_file_names_leaving_the_image_folder_are_refused(tmp_path, name):
     path.write_text(json.dumps(data))
     with pytest.raises(LabelSetError, match=r"instances_train2014.json: field 'images\[1\].file_name': .* leaves"):
         read_coco(path, tmp_path / "train2014")
+
+
+@pytest.mark.parametrize("spelling", ["{}", "./{}", ".//{}"])  # one file however it is written
+def test_two_image_ids_sharing_one_file_are_refused(tmp_path, spelling):
+    path = write_coco(tmp_path)
+    data = json.loads(path.read_text())
+    twin = spelling.format(data["images"][0]["file_name"])  # the file of image 9 ...
+    data["images"][3]["file_name"] = twin  # ... named by image 25 too
+    path.write_text(json.dumps(data))
+    with pytest.raises(LabelSetError) as err:
+        read_coco(path, tmp_path / "train2014")
+    assert str(err.value) == (f"{path}: field 'images[3].file_name': images 9 and 25 share the file name {twin!r}; "
+                              "each image id needs its own file")

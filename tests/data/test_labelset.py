@@ -49,7 +49,7 @@ def test_train_targets_prefers_observed():
         ({"targets": np.full((2, 2), 2, np.int8)}, "may hold only"),
         ({"targets": np.zeros((2, 3), np.int8)}, "2 class names but targets have 3 columns"),
         ({"image_paths": ["a"]}, "1 image paths but targets have 2 rows"),
-        ({"classes": ["a", "a"]}, "duplicate class names"),
+        ({"classes": ["a", "a"]}, r"class 'a' appears twice \(classes 0 and 1\)"),
         ({"targets": np.zeros(4, np.int8)}, "2-D"),
         ({"observed": np.zeros((1, 2), np.int8)}, "observed has shape"),
     ],
@@ -213,3 +213,61 @@ def test_many_image_paths_go_to_a_memory_mapped_npy(tmp_path, monkeypatch):
     sub.save(tmp_path / "small")  # 2 paths: back into the JSON header, and no stale npy
     assert not (tmp_path / "small" / "image_paths.npy").exists()
     assert LabelSet.load(tmp_path / "small").image_paths == [paths[5], paths[2]]
+
+
+@pytest.mark.parametrize("classes, message", [
+    (["a", "b\nc"], r"class 1 \('b\\nc'\) holds a line break or another control character"),
+    (["a", "b\tc"], r"class 1 \('b\\tc'\) holds a line break"),
+    (["a", ""], r"class 1 \(''\) is empty"),
+    (["a", "  "], r"class 1 \('  '\) is empty"),
+    (["a", 3], r"class 1 \(3\) is not a string \(int\)"),
+    (["a", None], r"class 1 \(None\) is not a string \(NoneType\)"),
+    (["b", "b"], r"class 'b' appears twice \(classes 0 and 1\)"),
+])
+def test_class_names_must_be_distinct_non_empty_one_line_strings(classes, message, tmp_path):
+    with pytest.raises(labelset.LabelSetContentError, match=message):
+        LabelSet(classes, ["x", "y"], np.zeros((2, 2), np.int8))
+    with pytest.raises(LabelSetError, match="^names.txt: " + message):
+        labelset.check_class_names(classes, "names.txt")
+    # a hand-edited header: the message names the file
+    make(n=2, k=2).save(tmp_path / "ls")
+    header = json.loads((tmp_path / "ls" / "labelset.json").read_text())
+    (tmp_path / "ls" / "labelset.json").write_text(json.dumps(header | {"classes": classes}))
+    with pytest.raises(LabelSetError) as err:
+        LabelSet.load(tmp_path / "ls")
+    assert str(err.value).startswith(f"{tmp_path / 'ls' / 'labelset.json'}: class ")
+
+
+def test_numpy_strings_are_strings():
+    ls = LabelSet(np.array(["a", "b"]), ["x"], np.zeros((1, 2), np.int8))
+    assert ls.classes == ["a", "b"] and all(type(c) is str for c in ls.classes)
+
+
+ESCAPING = {"../x.jpg": "a '..' component", "a/../../x.jpg": "a '..' component", "a/..": "a '..' component",
+            "..": "a '..' component", "..\\x.jpg": "a '..' component", "/etc/passwd": "absolute",
+            "\\\\server\\share\\x.jpg": "absolute", "C:\\x.jpg": "absolute", "c:x.jpg": "absolute", "": "empty"}
+INSIDE = ["x.jpg", "a/b/x.jpg", "./x.jpg", "a..b/x.jpg", "..a/x.jpg", "a/x..", "é:x.jpg", ":b.jpg", "a\\b.jpg"]
+
+
+def test_image_paths_leaving_the_root_are_refused_on_save_and_on_load(tmp_path, monkeypatch):
+    for name, problem in ESCAPING.items():
+        assert labelset.image_path_problem(name) == problem, name
+    assert [labelset.image_path_problem(name) for name in INSIDE] == [None] * len(INSIDE)
+    # the vectorised check of ImagePaths (large sets) applies the same rule
+    every = list(ESCAPING) + INSIDE
+    refused = labelset._escaping_rows(ImagePaths.from_strings(every).encoded).tolist()
+    assert refused == list(range(len(ESCAPING)))
+    for name, problem in ESCAPING.items():
+        for paths in (["ok.jpg", name], ImagePaths.from_strings(["ok.jpg", name])):
+            ls = LabelSet(["a"], paths, np.zeros((2, 1), np.int8), root=str(tmp_path))
+            with pytest.raises(LabelSetError) as err:
+                ls.save(tmp_path / "ls")
+            assert str(err.value) == (f"{tmp_path / 'ls'}: image_paths: row 1: image path {name!r} leaves the image "
+                                      f"folder ({problem}); image paths must be relative paths inside it")
+    make().save(tmp_path / "ok")
+    header = json.loads((tmp_path / "ok" / "labelset.json").read_text())
+    header["image_paths"][3] = "../../etc/passwd"
+    (tmp_path / "ok" / "labelset.json").write_text(json.dumps(header))
+    with pytest.raises(LabelSetError, match=r"labelset.json: field 'image_paths': row 3: image path "
+                                            r"'../../etc/passwd' leaves the image folder"):
+        LabelSet.load(tmp_path / "ok")

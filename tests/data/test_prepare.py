@@ -168,3 +168,38 @@ def test_prepare_replaces_a_prepared_folder_whole_or_refuses(tmp_path):
     with pytest.raises(LabelSetError, match=r"out: holds my-notes.txt, not only prepared splits"):
         prepare("table", tmp_path / "train.csv", out)
     assert (out / "my-notes.txt").read_text() == "keep me" and (out / "train").is_dir()
+
+
+def cole_files(tmp_path, train_paths):
+    from mlic.data.formatted import export_formatted
+
+    full = np.ones((len(train_paths), 2), np.int8)
+    export_formatted(LabelSet(list("ab"), train_paths, full, root=str(tmp_path)), tmp_path / "cole", "train")
+    export_formatted(LabelSet(list("ab"), ["val2014/0.jpg"], full[:1], root=str(tmp_path)), tmp_path / "cole", "val")
+    return tmp_path / "cole"
+
+
+@pytest.mark.parametrize("name, problem", [("../../etc/passwd", "a '..' component"), ("/etc/passwd", "absolute"),
+                                           ("train2014\\..\\..\\x.jpg", "a '..' component")])
+def test_every_reader_refuses_image_paths_leaving_the_image_folder(tmp_path, name, problem):
+    # the Cole et al. reader does not check its paths itself: prepare's shared check catches them
+    root = cole_files(tmp_path, ["train2014/0.jpg", name])
+    with pytest.raises(LabelSetError) as err:
+        prepare("cole", root, tmp_path / "out")
+    assert str(err.value) == (f"{root}: train split: row 1: image path {name!r} leaves the image folder ({problem}); "
+                              "image paths must be relative paths inside it")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("classes, message", [
+    (["a", "b\nc"], r"class 1 \('b\\nc'\) holds a line break"),
+    (["a", ""], r"class 1 \(''\) is empty"),
+    (["a", 3], r"class 1 \(3\) is not a string \(int\)"),
+    (["a", "a"], r"class 'a' appears twice \(classes 0 and 1\)"),
+])
+def test_every_reader_refuses_bad_class_names_naming_the_data(tmp_path, classes, message):
+    root = cole_files(tmp_path, ["train2014/0.jpg"])
+    with pytest.raises(LabelSetError, match=message) as err:
+        prepare("cole", root, tmp_path / "out", classes=classes)
+    assert str(err.value).startswith(f"{root}: class 1") or str(err.value).startswith(f"{root}: class 'a'")
+    assert "\n" not in str(err.value).replace("\\n", "")

@@ -86,3 +86,63 @@ def test_malformed_tables_one_line_with_line_number(tmp_path, name, text, messag
     with pytest.raises(LabelSetError, match=message) as err:
         read_table(tmp_path / name)
     assert str(err.value).startswith(str(tmp_path / name)) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name, text, line", [
+    ("t.csv", "path,labels\na.jpg,cat\n{image},dog\n", 3),
+    ("t.tsv", "path\tcat\na.jpg\t1\n{image}\t0\n", 3),
+    ("t.jsonl", '{{"path": "a.jpg", "labels": ["cat"]}}\n{{"path": {quoted}, "labels": []}}\n', 2),
+])
+@pytest.mark.parametrize("image, problem", [
+    ("../../etc/passwd", "a '..' component"), ("sub/../../x.jpg", "a '..' component"),
+    ("..\\x.jpg", "a '..' component"), ("/etc/passwd", "absolute"),
+])
+def test_image_paths_leaving_the_image_folder_are_refused(images, name, text, line, image, problem):
+    table = images / name
+    table.write_text(text.format(image=image, quoted=json.dumps(image)))
+    with pytest.raises(LabelSetError) as err:
+        read_table(table)
+    assert str(err.value) == (f"{table}: line {line}: image path {image!r} leaves the image folder {images} "
+                              f"({problem}); give paths relative to it (option images= sets it)")
+
+
+def test_mapping_keys_leaving_the_image_folder_are_refused(images):
+    (images / "m.json").write_text(json.dumps({"a.jpg": ["cat"], "../secret.jpg": []}))
+    with pytest.raises(LabelSetError, match=r"m.json: key '../secret.jpg': image path '../secret.jpg' leaves"):
+        read_table(images / "m.json")
+
+
+def test_absolute_paths_inside_the_image_folder_are_stored_relative(images, tmp_path):
+    (tmp_path / "link").symlink_to(images)  # the folder given through a link, the paths written with its target
+    (images / "t.csv").write_text(f"path,labels\n{images / 'a.jpg'},cat\nsub/c.jpg,dog\n")
+    ls = read_table(images / "t.csv", images=tmp_path / "link")
+    assert ls.image_paths == ["a.jpg", "sub/c.jpg"] and ls.path(0).is_file()
+    (images / "t.csv").write_text(f"path,labels\n{images / 'a.jpg'},cat\na.jpg,dog\n")
+    with pytest.raises(LabelSetError, match=r"t.csv: line 3: duplicate path 'a.jpg' \(first on line 2\)"):
+        read_table(images / "t.csv")
+
+
+@pytest.mark.parametrize("name, text, classes, message", [
+    ("h.csv", "path,,cat\na.jpg,1,0\n", None, r"h.csv: line 1: class 0 \(''\) is empty"),
+    ("h.csv", 'path,"ca\nt",dog\na.jpg,1,0\n', None, r"h.csv: line 1: class 0 \('ca\\nt'\) holds a line break"),
+    ("l.csv", 'path,labels\na.jpg,"x|ca\nt"\n', None, r"l.csv: line 3: label 'ca\\nt' holds a line break"),
+    ("j.jsonl", '{"path": "a.jpg", "c\\u0000t": 1}\n', None, r"j.jsonl: line 1: class 0 \('c\\x00t'\) holds"),
+    ("j.jsonl", '{"path": "a.jpg", "labels": ["c\\nt"]}\n', None, r"j.jsonl: line 1: label 'c\\nt' holds a line"),
+    ("m.json", '{"a.jpg": ["x\\ny"]}', None, r"m.json: key 'a.jpg': label 'x\\ny' holds a line break"),
+    ("g.csv", "path,labels\na.jpg,x\n", ["x", ""],
+     r"g.csv: the class list given \(option classes\): class 1 \(''\) is empty"),
+    ("g.csv", "path,labels\na.jpg,x\n", ["x", None], r"class 1 \(None\) is not a string \(NoneType\)"),
+    ("g.csv", "path,labels\na.jpg,x\n", ["x", "x"], r"g.csv: the class list given \(option classes\): class 'x' "
+                                                    r"appears twice \(classes 0 and 1\)"),
+])
+def test_class_names_must_be_distinct_non_empty_one_line_strings(tmp_path, name, text, classes, message):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(LabelSetError, match=message) as err:
+        read_table(tmp_path / name, classes=classes)
+    assert str(err.value).startswith(str(tmp_path / name)) and "\n" not in str(err.value)
+
+
+def test_a_class_list_of_numbers_names_the_labels_written_as_those_numbers(tmp_path):
+    (tmp_path / "n.csv").write_text("path,labels\na.jpg,2\nb.jpg,1|2\n")
+    ls = read_table(tmp_path / "n.csv", classes=[2, 1])  # what --option classes=[2,1] gives (YAML numbers)
+    assert ls.classes == ["2", "1"] and ls.targets.tolist() == [[1, 0], [1, 1]]
