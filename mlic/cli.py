@@ -354,9 +354,9 @@ def predict(
 ) -> None:
     """Label images with scores, batch by batch: printed, or streamed to --jsonl/--csv (resumable)."""
     from mlic.data.labelset import LabelSet
-    from mlic.engine.evaluate import progress_bar
     from mlic.engine.predict import Predictor, list_images, read_path_list, unique_paths
     from mlic.engine.results import ResultWriter, model_identity
+    from mlic.progress import progress_bar
 
     if resume and not (jsonl or csv_out):
         raise MlicError("--resume needs --jsonl or --csv: the files to continue")

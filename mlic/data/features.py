@@ -30,6 +30,7 @@ from mlic.config import IMAGENET_MEAN, IMAGENET_STD
 from mlic.data.images import BadImageCheck, ImageDataset, build_transform, make_loader, normalize
 from mlic.data.labelset import LabelSet, atomic_write_bytes
 from mlic.errors import MlicError
+from mlic.progress import progress_bar
 
 FEATURES_FORMAT = 1
 
@@ -74,16 +75,6 @@ def load_features(path: str | os.PathLike) -> np.ndarray:
     if not path.is_file():
         raise MlicError(f"{path}: feature file not found; extract features first")
     return np.load(path, mmap_mode="r", allow_pickle=False)
-
-
-def _progress_bar(enabled: bool, total: int, completed: int, description: str):
-    if not enabled:
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    bar.start()
-    return bar, bar.add_task(description, total=total, completed=completed)
 
 
 @torch.no_grad()
@@ -165,7 +156,7 @@ def extract_features(
         out = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=(num_images, dim))
         _write_marker(marker, fingerprint, num_images, dim, 0, [])
 
-    bar = _progress_bar(progress and done < num_images, num_images, done, f"features {path.name}")
+    bar = progress_bar(num_images, f"features {path.name}", enabled=progress and done < num_images, completed=done)
     try:
         if done < num_images:
             loader = make_loader(Subset(dataset, range(done, num_images)), batch_size=batch_size, workers=workers)
@@ -185,11 +176,9 @@ def extract_features(
                 done += count
                 out.flush()
                 _write_marker(marker, fingerprint, num_images, dim, done, bad_rows)
-                if bar is not None:
-                    bar[0].update(bar[1], completed=done)
+                bar.advance(count=count)
     finally:
-        if bar is not None:
-            bar[0].stop()
+        bar.close()
         backbone.train(was_training)
     del out
     if check is not None:

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from mlic.data.labelset import ImagePaths, LabelSet, LabelSetError, SparseTargets
+from mlic.progress import progress_bar
 
 BLOCK_BYTES = 8 << 20
 CLASS_FILES = ("oidv7-class-descriptions.csv", "oidv6-class-descriptions.csv", "class-descriptions.csv")
@@ -165,13 +166,13 @@ class _LabelReader:
             raise LabelSetError(f"{self.path}: line 1 must be the header ImageID,Source,LabelName,Confidence; "
                                 f"got {b','.join(header).decode(errors='replace')[:80]!r}") from None
         self.num_fields = len(header)
-        bar = _bar(progress, self.path.name, self.path.stat().st_size)
+        size = self.path.stat().st_size
+        bar = progress_bar(size, f"reading {self.path.name}", enabled=progress and size >= BLOCK_BYTES, unit="bytes")
         carry = b""
         try:
             while True:
                 block = self.f.read(BLOCK_BYTES)
-                if bar is not None:
-                    bar[0].update(bar[1], advance=len(block))
+                bar.advance(count=len(block))
                 data = carry + block
                 if not block:
                     if data.strip():
@@ -182,8 +183,7 @@ class _LabelReader:
                 if cut:
                     carry = self._parse(data[:cut], final=False) + carry
         finally:
-            if bar is not None:
-                bar[0].stop()
+            bar.close()
 
     def _fail(self, row: int, message: str) -> None:
         raise LabelSetError(f"{self.path}: line {self.line + row + 1}: {message}")
@@ -256,16 +256,6 @@ class _LabelReader:
         self.line += keep
         self.last_id = ids[keep - 1]
         return held
-
-
-def _bar(enabled: bool, name: str, total: int):
-    if not enabled or total < BLOCK_BYTES:
-        return None
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
-    bar.start()
-    return bar, bar.add_task(f"reading {name}", total=total)
 
 
 def read_openimages(root: str | os.PathLike, trainable: str | os.PathLike | None = None, drop_missing: bool = False,

@@ -43,6 +43,7 @@ from mlic.data.images import ImageError, read_image, sample_seed
 from mlic.data.labelset import LabelSet, LabelSetError
 from mlic.errors import MlicError
 from mlic.io import atomic_file, atomic_write_bytes, remove_stale, replace_dir, temp_dir_for
+from mlic.progress import progress_bar
 
 FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
@@ -102,16 +103,6 @@ def decode_row(code: dict, num_classes: int) -> np.ndarray:
     return row
 
 
-def _progress(enabled: bool, total: int, description: str):
-    if not enabled:
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    bar.start()
-    return bar, bar.add_task(description, total=total)
-
-
 def _image_bytes(labelset: LabelSet, i: int) -> tuple[bytes | None, str]:
     """The file's bytes and "", or None and why it cannot be packed (missing, unreadable, not an image)."""
     from PIL import Image, UnidentifiedImageError
@@ -158,7 +149,7 @@ def write_shards(labelset: LabelSet, out_dir: str | os.PathLike, shard_size_byte
     shards, samples, skipped = [], [], []
     writer = handle = None
     shard_bytes = 0
-    bar = _progress(progress and n > 0, n, f"shards {labelset.split or out_dir.name}")
+    bar = progress_bar(n, f"shards {labelset.split or out_dir.name}", enabled=progress and n > 0)
 
     def close_shard():
         writer.close()
@@ -167,8 +158,7 @@ def write_shards(labelset: LabelSet, out_dir: str | os.PathLike, shard_size_byte
     try:
         for i in range(n):
             data, reason = _image_bytes(labelset, i)
-            if bar:
-                bar[0].advance(bar[1])
+            bar.advance()
             rel = str(labelset.image_paths[i])
             if data is None:
                 skipped.append({"index": i, "path": rel, "reason": reason})
@@ -203,8 +193,7 @@ def write_shards(labelset: LabelSet, out_dir: str | os.PathLike, shard_size_byte
             handle.__exit__(*sys.exc_info())
         raise
     finally:
-        if bar:
-            bar[0].stop()
+        bar.close()
     labelset.save(out_dir / LABELS_DIR)
     index = {"format": FORMAT_VERSION, "split": labelset.split, "classes": list(labelset.classes),
              "num_rows": n, "shards": [p.name for p in shards], "samples": samples,

@@ -15,6 +15,7 @@ from mlic.engine import dist
 from mlic.errors import MlicError
 from mlic.known_metrics import known_best_thresholds, known_metrics_table
 from mlic.metrics import best_thresholds, metrics_table
+from mlic.progress import progress_bar
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -172,25 +173,3 @@ def fit_thresholds(scores: np.ndarray, targets: np.ndarray | SparseTargets,
     if rows is None:
         return best_thresholds(scores, np.asarray(targets))
     return best_thresholds(scores[rows], np.asarray(targets)[rows])
-
-
-class progress_bar:  # noqa: N801 - used like a function
-    """A rich progress bar that is a no-op when disabled (quiet runs, other ranks, tests)."""
-
-    def __init__(self, total: int, description: str, enabled: bool = True) -> None:
-        self.progress = None
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"), transient=True)
-            self.progress.start()
-            self.task = self.progress.add_task(description, total=total, info="")
-
-    def advance(self, info: str | None = None, count: int = 1) -> None:
-        if self.progress is not None:
-            self.progress.update(self.task, advance=count, **({"info": info} if info else {}))
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()

@@ -37,7 +37,6 @@ from mlic.engine.evaluate import (
     autocast_dtype,
     evaluate_scores,
     fit_thresholds,
-    progress_bar,
     score_sharded,
     scoring_data,
 )
@@ -57,6 +56,7 @@ from mlic.io import atomic_write_bytes
 from mlic.losses import build_loss_for_data
 from mlic.models.classifier import build_model
 from mlic.optim import EMA, build_optimizer, build_schedule, param_groups
+from mlic.progress import progress_bar
 
 
 class TrainingError(MlicError):
