@@ -14,7 +14,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
@@ -151,6 +151,32 @@ def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+@contextmanager
+def folder_swap(final: str | os.PathLike, keep_existing: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+    """Build the folder ``final`` in a temporary folder beside it, swapped in as a whole when the block succeeds.
+
+    Leftovers of killed builds of ``final`` are removed first; on an error the temporary folder is
+    removed and ``final`` is untouched. ``keep_existing(final)``, checked after the block, may keep
+    what another process finished meanwhile (the new build is then discarded).
+
+    Example:
+        >>> with folder_swap(out) as tmp:
+        ...     (tmp / "labels.npy").write_bytes(data)
+    """
+    final = Path(final)
+    remove_stale(final.parent, final.name)
+    tmp = temp_dir_for(final)  # beside final, so relative paths stay right after the swap
+    try:
+        yield tmp
+        if keep_existing is not None and keep_existing(final):
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _pid_alive(pid: int) -> bool:

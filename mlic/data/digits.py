@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from mlic.data.labelset import LabelSet
-from mlic.io import check_writable, remove_stale, replace_dir, temp_dir_for
+from mlic.io import check_writable, folder_swap
 
 CLASSES = [str(d) for d in range(10)]
 CLASS_WEIGHTS = np.array([1.0, 2.6, 1.4, 1.8, 0.7, 0.5, 1.2, 1.0, 0.6, 0.35])
@@ -140,23 +139,15 @@ def build_multidigits(cache_dir: str | Path | None = None, spec: DigitsSpec | No
     final = cache_dir / name
     if not (final / "done").exists():
         check_writable(cache_dir, chosen)
-        remove_stale(cache_dir, name)
         digits = load_digits()
         scans, scan_labels = digits.images, digits.target
         split_idx = split_scans(scan_labels, np.random.RandomState(spec.seed))
-        tmp = temp_dir_for(final)
-        try:
+        # another process may finish first: its complete folder is kept; a stale one without 'done' is replaced
+        with folder_swap(final, keep_existing=lambda f: (f / "done").exists()) as tmp:
             for offset, split in enumerate(("train", "val", "test")):
                 n = getattr(spec, split)
                 ls = build_split(split, n, spec, scans, scan_labels, split_idx[split], tmp, offset)
                 ls.save(tmp / split)
             (tmp / "spec.json").write_text(json.dumps(asdict(spec)))
             (tmp / "done").write_text("ok\n")
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if (final / "done").exists():  # another process finished first
-            shutil.rmtree(tmp)
-        else:  # absent, or a stale folder without 'done'
-            replace_dir(tmp, final)
     return {split: LabelSet.load(final / split) for split in ("train", "val", "test")}

@@ -21,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -90,6 +92,9 @@ def open_image(source, name: str | Path | None = None) -> Image.Image:
         FormatError: the file is in another format (the message names it when its signature is known) or in none.
         Exception: whatever PIL raises for a file of an allowed format with a corrupt header.
     """
+    if isinstance(source, (str, Path)) and not stat.S_ISREG(os.stat(source).st_mode):
+        # a FIFO or device named .jpg would block the reader forever (os.stat itself never blocks)
+        raise FormatError(f"{name or source}: not a regular file (a pipe, socket or device); give image files")
     try:
         return Image.open(source, formats=FORMATS)
     except UnidentifiedImageError:

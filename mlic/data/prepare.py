@@ -25,7 +25,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from mlic.data.observe import observe as draw_observed
 from mlic.data.table import read_table
 from mlic.data.voc import find_voc, read_voc
 from mlic.errors import MlicError
-from mlic.io import remove_stale, replace_dir, temp_dir_for
+from mlic.io import folder_swap
 
 
 def _coco(root: Path, order: str = "all", year: str = "2014") -> dict[str, LabelSet]:
@@ -163,17 +162,11 @@ def prepare(kind: str, root: str | os.PathLike, out: str | os.PathLike, observe:
               "options": json.loads(json.dumps(options, default=str))}
     out = Path(out)
     check_replaceable(out)
-    remove_stale(out.parent, out.name)
-    tmp = temp_dir_for(out)  # built beside out, so the relative image root stays right after the swap
-    try:
+    with folder_swap(out) as tmp:  # built beside out, so the relative image root stays right after the swap
         for split, labelset in sets.items():
             labelset.meta = {**labelset.meta, "source_split": labelset.split, "prepare": record}
             labelset.split = split
             labelset.save(tmp / split)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {split: out / split for split in sets}
 
 

@@ -29,7 +29,6 @@ import json
 import os
 import random
 import re
-import shutil
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from mlic.data.images import ImageError, read_image, sample_seed
 from mlic.data.labelset import LabelSet, LabelSetError
 from mlic.errors import MlicError
-from mlic.io import atomic_file, atomic_write_bytes, remove_stale, replace_dir, temp_dir_for
+from mlic.io import atomic_file, atomic_write_bytes, folder_swap
 from mlic.progress import progress_bar
 
 FORMAT_VERSION = 1
@@ -235,15 +234,9 @@ def prepare_shards(data: str | os.PathLike, out: str | os.PathLike, shard_size: 
         if others:
             raise ShardError(f"{out}: holds {', '.join(sorted(others)[:3])}, not only shard folders; --out is "
                              "replaced as a whole, so choose a new or empty folder")
-    remove_stale(out.parent, out.name)
-    tmp = temp_dir_for(out)
-    try:
+    with folder_swap(out) as tmp:
         for split, labelset in sets.items():
             write_shards(labelset, tmp / split, size, progress=progress, log=log)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {split: ShardIndex.read(out / split) for split in sets}
 
 

@@ -200,3 +200,14 @@ def test_explain_gives_each_image_its_own_map_and_keeps_foreign_files(tmp_path):
     (maps / "a__x_attention.png").write_bytes(b"the user's own picture")
     error_line(run(*args), "is not an attention map written by mlic")
     assert (maps / "a__x_attention.png").read_bytes() == b"the user's own picture"
+
+
+def test_a_fifo_in_a_path_list_is_an_error_not_a_hang(models, tmp_path):
+    os.mkfifo(tmp_path / "pipe.jpg")
+    (tmp_path / "list.txt").write_text("pipe.jpg\n" + str(models / "imgs" / "a.png") + "\n")
+    code = ("import sys; from mlic.cli import app; sys.argv = ['mlic', 'predict', '--list', sys.argv[1], "
+            "'--checkpoint', sys.argv[2], '--workers', '0']; app()")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "list.txt"), str(models / "run0")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "a.png" in done.stdout, done
+    assert "pipe.jpg: not a regular file" in done.stderr
