@@ -39,11 +39,12 @@ from torch import nn
 
 from mlic.config import TrainConfig
 from mlic.data.images import BadImageCheck
+from mlic.data.labelset import is_sparse
 from mlic.engine.job import TrainJob
 from mlic.engine.loop import EpochProgress, LoopSettings, TrainingError, batch_rows, drive, hook, training_labels
 from mlic.errors import MlicError
 from mlic.losses import build_loss_for_data
-from mlic.optim import RowAdam
+from mlic.optim import RowAdam, build_schedule
 
 Features = np.ndarray | torch.Tensor  # (N, C) features: NumPy (memory maps welcome) or torch
 
@@ -218,12 +219,22 @@ class FeatureSteps:
         num_images, num_features = train.x.shape
         if cfg.batch_size < 1 or cfg.epochs < 1:
             raise MlicError(f"batch_size and epochs must be ≥ 1, got {cfg.batch_size} and {cfg.epochs}")
+        unsupported = {"ema": cfg.ema > 0, "amp": cfg.amp in ("bf16", "fp16"), "clip_grad": cfg.clip_grad > 0,
+                       "freeze": bool(cfg.freeze)}
+        if any(unsupported.values()):
+            names = ", ".join(k for k, v in unsupported.items() if v)
+            raise MlicError(f"{names}: not used by the linear probe (a head on cached features in fp32); set them "
+                            "off, or start from TrainConfig.linear_defaults()")
         self.train, self.val, self.test = train, val, test
         self.cfg, self.classes, self.model = cfg, classes, model
         self.extra: dict = {}
         """What model.json records beside the model (the pretrained weights' source and hash)."""
         self.labels = training_labels(train_targets, loss)  # what training reads; corrections may change it
         self.probe = LinearProbe(num_features, len(classes), num_images, cfg, loss=loss)
+        count = len(train.rows)
+        batch = min(cfg.batch_size, count)
+        stop = count - count % batch if cfg.drop_last else count
+        self.scheduler = build_schedule(self.probe.optimizer, cfg, cfg.epochs * -(-stop // batch))
         self.loss = self.probe.loss
         self.estimator_key = next((k for k, p in self.loss.named_parameters() if p is self.probe.estimator), None)
         self.matmul_threads = cfg.matmul_threads or torch.get_num_threads()
@@ -236,6 +247,8 @@ class FeatureSteps:
     @classmethod
     def from_job(cls, job: TrainJob) -> FeatureSteps:
         """Cache (or reuse) the backbone's features of each split in ``job.out/features``; build head and loss."""
+        import fcntl
+
         from mlic.data.features import bad_rows, extract_features
         from mlic.models.classifier import build_model
 
@@ -250,17 +263,21 @@ class FeatureSteps:
         model = build_model(model_cfg, pretrained=weights).eval()
         device = "cuda" if torch.cuda.is_available() else "cpu"
         found = {}
-        for name, ls in (("train", splits.train), ("val", splits.val), ("test", splits.test)):
-            if ls is None:
-                continue
-            check = BadImageCheck(name, len(ls), job.max_bad_images, job.strict_images)
-            path = out_dir / "features" / f"{name}.npy"
-            feats = extract_features(ls, model, path, device=device, workers=job.train.workers,
-                                     progress=job.progress, check=check)
-            rows = np.setdiff1d(np.arange(len(ls)), bad_rows(path))
-            if check.count:  # unreadable images are left out, not learned from as all-zero features
-                job.log(f"{name}: skipped {check.count} unreadable images, e.g. {check.messages[0]}")
-            found[name] = Split(in_memory_float32(feats), rows, list(check.messages))
+        folder = Path(job.features_dir) if job.features_dir is not None else out_dir / "features"
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / ".lock", "a") as lock:  # runs sharing the folder: one extracts, the others wait, then read
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            for name, ls in (("train", splits.train), ("val", splits.val), ("test", splits.test)):
+                if ls is None:
+                    continue
+                check = BadImageCheck(name, len(ls), job.max_bad_images, job.strict_images)
+                path = folder / f"{name}.npy"
+                feats = extract_features(ls, model, path, device=device, workers=job.train.workers,
+                                         progress=job.progress, check=check)
+                rows = np.setdiff1d(np.arange(len(ls)), bad_rows(path))
+                if check.count:  # unreadable images are left out, not learned from as all-zero features
+                    job.log(f"{name}: skipped {check.count} unreadable images, e.g. {check.messages[0]}")
+                found[name] = Split(in_memory_float32(feats), rows, list(check.messages))
         cfg = job.train
         loss = build_loss_for_data(cfg.loss, cfg.loss_args, splits.train.train_targets, cfg.epochs, cfg.seed,
                                    clean=splits.train.targets)
@@ -276,7 +293,7 @@ class FeatureSteps:
         return -(-self.stop // self.batch)
 
     def lr(self) -> float:
-        return self.cfg.lr
+        return self.scheduler.get_last_lr()[0]
 
     def train_check(self, limit: float, strict: bool) -> BadImageCheck:
         total = self.train.x.shape[0]
@@ -304,6 +321,7 @@ class FeatureSteps:
                 idx = perm[i:i + self.batch]
                 loss = self.probe.step(x.index_select(0, idx), batch_rows(self.labels, idx), idx,
                                        self.matmul_threads)
+                self.scheduler.step()
                 if corrections is not None:
                     corrections(self.labels)
                 partial.total += float(loss) * len(idx)
@@ -432,7 +450,7 @@ def train_linear_probe(
     config = config or TrainConfig.linear_defaults(num_images)
     if loss is None:
         loss = build_loss_for_data(config.loss, config.loss_args, train_y, config.epochs, config.seed)
-    if not hasattr(train_y, "by_class"):
+    if not is_sparse(train_y):
         train_y = np.array(train_y, dtype=np.int8, order="C")  # a small copy: labels may be read-only memory maps
 
     def split(x):
@@ -440,8 +458,8 @@ def train_linear_probe(
 
     steps = FeatureSteps(split(train_x), split(val_x), split(test_x) if test_x is not None else None, train_y,
                          config, loss, [str(k) for k in range(num_classes)])
-    val_targets = val_y if hasattr(val_y, "by_class") else np.asarray(val_y, dtype=np.int8)
-    test_targets = None if test_y is None else test_y if hasattr(test_y, "by_class") else np.asarray(test_y, np.int8)
+    val_targets = val_y if is_sparse(val_y) else np.asarray(val_y, dtype=np.int8)
+    test_targets = None if test_y is None else test_y if is_sparse(test_y) else np.asarray(test_y, np.int8)
     result = drive(steps, val_targets, test_targets, LoopSettings(log=log))
     best = result.best
     estimator = steps.estimator_logits(best)

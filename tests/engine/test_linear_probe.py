@@ -204,3 +204,53 @@ def test_config_round_trip():
     with pytest.raises(ValueError, match="unknown"):
         TrainConfig.from_dict({"bogus": 1})
     assert TrainConfig.linear_defaults(4000).batch_size == 125 and TrainConfig.linear_defaults().batch_size == 1024
+
+
+def test_linear_mode_keeps_sparse_targets_sparse_end_to_end(tiny_digits, tmp_path):
+    """--mode linear on sparse train / val / test labels: batches read their rows, validation and test score
+    the known entries; anything that asks for a whole dense matrix fails the test."""
+    from mlic.config import ModelConfig
+    from mlic.data.labelset import LabelSet, SparseTargets
+    from mlic.data.splits import Splits
+    from mlic.engine.job import TrainJob
+    from mlic.engine.run import run
+
+    class NoWhole(SparseTargets):  # row reads (targets[rows]) and columns only: densifying fails the test
+        def __array__(self, dtype=None, copy=None):
+            raise AssertionError("densified")
+
+    def sparse(labelset, seed, unknown):
+        dense = np.asarray(labelset.targets).copy()
+        dense[np.random.default_rng(seed).random(dense.shape) < unknown] = -1
+        s = SparseTargets.from_dense(dense)
+        return NoWhole(s.indptr, s.indices, s.values, dense.shape[1])
+
+    splits, _, _ = tiny_digits
+    train = LabelSet(splits["train"].classes, splits["train"].image_paths, sparse(splits["train"], 0, 0.0),
+                     splits["train"].root, observed=sparse(splits["train"], 1, 0.7))
+    val, test = (LabelSet(s.classes, s.image_paths, sparse(s, i, 0.3), s.root)
+                 for i, s in ((2, splits["val"]), (3, splits["test"])))
+    for loss in ("an", "ll_r"):  # losses without per-image state (ROLE's N x K estimator is dense by design)
+        cfg = TrainConfig.linear_defaults(len(train), loss=loss, epochs=2)
+        result = run(TrainJob(ModelConfig(num_classes=10, img_size=32), cfg, Splits(train, val, test),
+                              tmp_path / loss, mode="linear", progress=False, log=lambda *a, **k: None))
+        assert len(result.history) == 2 and np.isfinite(result.test_metrics["mAP"])
+
+
+def test_a_linear_job_trains_with_the_config_it_is_given(tiny_digits, tmp_path):
+    """From Python, TrainJob(mode="linear", train=...) trains with that config (epochs, schedule), not the CLI's."""
+    from mlic.config import ModelConfig
+    from mlic.data.splits import Splits
+    from mlic.engine.job import TrainJob
+    from mlic.engine.run import run
+
+    splits, _, _ = tiny_digits
+    data = Splits(splits["train"], splits["val"], splits["test"])
+    result = run(TrainJob(ModelConfig(num_classes=10, img_size=32), TrainConfig(epochs=3, clip_grad=0.0), data,
+                          tmp_path / "a", mode="linear", progress=False, log=lambda *a, **k: None))
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    lrs = [h["lr"] for h in result.history]
+    assert lrs[0] != lrs[-1]  # TrainConfig's own OneCycle schedule, applied to the probe's steps
+    with pytest.raises(ValueError, match="ema: not used by the linear probe"):
+        run(TrainJob(ModelConfig(num_classes=10, img_size=32), TrainConfig(epochs=1, ema=0.9, clip_grad=0.0), data,
+                     tmp_path / "b", mode="linear", progress=False, log=lambda *a, **k: None))
