@@ -177,3 +177,28 @@ def test_import_mlic_is_light():
     assert set(mlic.__all__) >= {"train", "load", "evaluate", "Model", "TrainConfig", "ModelConfig",
                                  "register_loss", "register_head", "register_backbone"}
 
+
+
+def test_load_an_onnx_export_and_explain_a_query2label_model(tmp_path):
+    from mlic.config import ModelConfig
+    from mlic.engine.checkpoint import save_model
+    from mlic.export import export_onnx
+    from mlic.models.classifier import build_model
+
+    torch.manual_seed(0)
+    config = ModelConfig(head="query2label", num_classes=3, img_size=32,
+                         head_args={"hidden_dim": 16, "dim_feedforward": 32, "nheads": 2})
+    net = build_model(config).eval()
+    save_model(tmp_path / "q2l", net, config, ["x", "y", "z"])
+    model = mlic.load(tmp_path / "q2l")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8))
+    explained = model.explain(image)
+    assert explained.classes == ["x", "y", "z"] and explained.maps.shape[0] == 3
+    np.testing.assert_allclose(explained.maps.reshape(3, -1).sum(1), 1.0, atol=1e-4)
+    np.testing.assert_allclose(explained.scores, model.scores([image])[0], atol=1e-5)
+    export_onnx(net, {"classes": ["x", "y", "z"]}, tmp_path / "m.onnx")
+    onnx_model = mlic.load(tmp_path / "m.onnx")
+    assert onnx_model.config is None and onnx_model.classes == ["x", "y", "z"] and onnx_model.image_size == 32
+    np.testing.assert_allclose(onnx_model.scores([image])[0], model.scores([image])[0], atol=1e-4)
+    with pytest.raises(MlicError, match="explain needs a Query2Label model loaded in PyTorch"):
+        onnx_model.explain(image)
