@@ -26,7 +26,7 @@ import warnings
 import numpy as np
 from sklearn.metrics import average_precision_score
 
-from mlic.data.labelset import SparseTargets
+from mlic.data.targets import SparseTargets
 from mlic.known_metrics import known_average_precision, known_mean_average_precision, known_metrics_table
 from mlic.metrics import mean_average_precision, metrics_table
 

@@ -7,8 +7,8 @@ differ only in where fine-tuning starts:
 - linear-init (``mlic train --mode linear-init``): first a linear probe on cached features (ROLE, Cole's
   batch 16, lr 1e-3, 25 epochs), then fine-tuning from its head AND its estimated labels.
 
-The backbone is pretrained with full labels on a separate MultiDigits draw (as ``bench/spl_table.py``
-does: new images from the train scans only, standing in for ImageNet). Prints test mAP per seed, the
+The backbone is pretrained with full labels on a separate MultiDigits draw (``mlic.sweep.digits_backbone``,
+as ``recipes/sweeps/spl_multidigits.yaml`` uses it: new images from the train scans only, standing in for ImageNet). Prints test mAP per seed, the
 means and the difference.
 
     python bench/linear_init.py [--seeds 2] [--finetune-epochs 6] [--out runs/linear_init]
@@ -17,7 +17,6 @@ means and the difference.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -29,9 +28,9 @@ from mlic.data.observe import single_positive
 from mlic.data.splits import Splits
 from mlic.engine.job import TrainJob
 from mlic.engine.run import run
+from mlic.sweep import digits_backbone
 
-sys.path.insert(0, str(Path(__file__).parent))
-from spl_table import QUIET, pretrain_backbone  # noqa: E402
+QUIET = dict(progress=False, log=lambda *a, **k: None)
 
 
 def main() -> None:
@@ -45,7 +44,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     data = build_multidigits()
-    weights = pretrain_backbone(args.out, args.pretrain_epochs, args.threads)
+    weights = digits_backbone(args.out / "pretrained_backbone.safetensors", args.pretrain_epochs)
     print(f"pretrained backbone: {weights} ({time.perf_counter() - t0:.0f}s)", flush=True)
     clean = np.asarray(data["train"].targets)
     results: dict[str, list[float]] = {"fresh head": [], "linear-init": []}

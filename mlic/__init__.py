@@ -23,6 +23,7 @@ _EXPORTS = {
     "Explanation": "mlic.api", "as_rgb": "mlic.api",
     "TrainConfig": "mlic.config", "ModelConfig": "mlic.config", "MlicError": "mlic.errors",
     "register_loss": "mlic.losses", "register_head": "mlic.models.heads", "register_backbone": "mlic.models.backbones",
+    "register_reader": "mlic.data.prepare",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -20,14 +20,22 @@ T = TrainConfig  # the defaults the help texts state
 
 
 def registered(kind: str) -> str:
-    """The names in a registry, for help texts: the lists are generated, never written twice."""
-    if kind == "loss":
-        from mlic.losses import LOSSES as table
-    elif kind == "head":
-        from mlic.models.heads import HEADS as table
-    else:
-        from mlic.models.backbones import BACKBONES as table
-    return ", ".join(sorted(table))
+    """The names in a registry (mlic.registry), for help texts: the lists are generated, never written twice."""
+    from mlic import registry
+
+    lists = {"loss": registry.list_losses, "head": registry.list_heads, "backbone": registry.list_backbones,
+             "reader": registry.list_readers}
+    return ", ".join(lists[kind]())
+
+
+def reader_options() -> str:
+    """Each data-set kind's reader options with their defaults, for ``mlic prepare --option``'s help."""
+    from mlic.data.prepare import describe_options
+    from mlic.registry import list_readers
+
+    return "; ".join(f"{kind} {describe_options(kind)}" for kind in list_readers())
+
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Multi-label image classification: train, evaluate and predict; full, partial or "
                        "single-positive labels.")
@@ -240,6 +248,19 @@ def train(
                                                       "sys.path or a .py file) first, so that the losses, heads "
                                                       "and backbones it registers can be named (repeatable).")]
         = None,
+    log_to: Annotated[str | None, typer.Option("--log", help="Also write the training curves: tensorboard (event "
+                                                            "files in --out; pip install -e '.[tensorboard]').")]
+        = None,
+    teacher: Annotated[str | None, typer.Option(help="A frozen teacher's weights whose pseudo-labels the loss gets "
+                                                     "(vlpl, aevlp; other losses: extra positives): CLIP .pt "
+                                                     "(OpenAI / open_clip) or Hugging Face folder; an mlic model "
+                                                     "folder with --teacher-arg kind=classifier.")] = None,
+    teacher_arg: Annotated[list[str] | None, typer.Option(help="Teacher setting KEY=VALUE (repeatable), e.g. "
+                                                              "rule=aevlp, threshold=0.5, prompt='a photo of a {}.', "
+                                                              "teacher_input=clip, dtype=float16.")] = None,
+    teacher_cache: Annotated[bool, typer.Option(help="One teacher pass before training, pseudo-labels kept and "
+                                                     "resumed (default); --no-teacher-cache: every step on the "
+                                                     "step's own views (the papers' schedule).")] = True,
 ) -> None:
     """Train a classifier, keep the best epoch by validation mAP, evaluate it on test, write a report."""
     from mlic.engine import dist
@@ -256,7 +277,8 @@ def train(
                    seed=seed, val_fraction=val_fraction, digits_size=digits_size, resume=resume, overwrite=overwrite,
                    init_from=init_from, linear_args=parse_kv(linear_arg, "--linear-arg"),
                    checkpoint_every=checkpoint_every, threads=threads, strict_images=strict_images,
-                   max_bad_images=max_bad_images, quiet=quiet, log=typer.echo)
+                   max_bad_images=max_bad_images, quiet=quiet, log=typer.echo, log_to=log_to, teacher=teacher,
+                   teacher_args=parse_kv(teacher_arg, "--teacher-arg"), teacher_cache=teacher_cache)
     echo, out, mode, splits = job.log, job.out, job.mode, job.splits
     try:
         result = run(job)
@@ -576,9 +598,9 @@ def serve(
 @app.command()
 @user_errors
 def prepare(
-    kind: Annotated[str, typer.Argument(help="Data set kind: coco, voc, nuswide, cub, table, openimages, or cole (Cole "
-                                              "et al.'s formatted_*.npy files); or shards: pack a prepared folder "
-                                              "(--data) into WebDataset shards.")],
+    kind: Annotated[str, typer.Argument(help=f"Data set kind: {registered('reader')} (cole: Cole et al.'s "
+                                              "formatted_*.npy files); or shards: pack a prepared folder (--data) "
+                                              "into WebDataset shards.")],
     out: Annotated[Path, typer.Option(help="Folder receiving one LabelSet (or, for shards, shard) folder per split.")],
     root: Annotated[Path | None, typer.Option(help="The data set folder (for table: the CSV/TSV/JSON file).")] = None,
     data: Annotated[Path | None, typer.Option(help="shards: the prepared folder (train/ val/ test/) to pack.")] = None,
@@ -589,11 +611,8 @@ def prepare(
     seed: Annotated[int, typer.Option(help="Seed of the observation draw and the validation hold-out.")] = 1200,
     val_fraction: Annotated[float, typer.Option(help="Hold this share of train out as val/ (Cole et al.: 0.2); "
                                                      "the official held-out split becomes test/.")] = 0.0,
-    option: Annotated[list[str] | None, typer.Option(help="Reader option KEY=VALUE (repeatable): coco order=cole|all; "
-                                                          "voc year=2007 difficult=unknown|positive|negative "
-                                                          "source=xml|lists; nuswide drop_missing=true; cub "
-                                                          "min_certainty=1; table images=DIR val=FILE test=FILE "
-                                                          "classes=[a,b]; cole images=DIR classes=[...].")] = None,
+    option: Annotated[list[str] | None, typer.Option(help="Reader option KEY=VALUE (repeatable); each kind's "
+                                                          f"(default or choices): {reader_options()}.")] = None,
 ) -> None:
     """Read a data set on disk into mlic's LabelSet folders (train/ val/ test/), ready for 'mlic train --data'."""
     from mlic.data.labelset import LabelSet
@@ -626,6 +645,50 @@ def prepare(
                    f"{'  + observed labels' if ls.observed is not None else ''}  -> {folder}")
 
 
+@app.command("pseudo-label")
+@user_errors
+def pseudo_label(
+    data: Annotated[Path, typer.Option(help="Prepared data folder (train/ val/ test/) or one LabelSet folder; "
+                                            "class names come from it.")],
+    teacher: Annotated[Path, typer.Option(help="Teacher weights: CLIP .pt (OpenAI release or open_clip) or a "
+                                               "Hugging Face CLIP folder; an mlic model folder with "
+                                               "--teacher-arg kind=classifier.")],
+    out: Annotated[Path, typer.Option(help="Folder to write: the LabelSets with teacher_sims.npy, "
+                                           "pseudo_labels.npy and pseudo_labels.json beside each.")],
+    rule: Annotated[str, typer.Option(help="Pseudo-label rule: aevlp (global view + tiles) or vlpl.")] = "aevlp",
+    prompt: Annotated[str | None, typer.Option(help="Prompt template for the class names (default "
+                                                    "'a photo of a {}.').")] = None,
+    teacher_arg: Annotated[list[str] | None, typer.Option(help="Teacher or rule setting KEY=VALUE (repeatable), "
+                                                              "e.g. threshold=0.5, top_k=3, teacher_input=clip, "
+                                                              "grid_size=4, dtype=float16.")] = None,
+    img_size: Annotated[int, typer.Option(help="The student's side the vlpl view is resized from.")] = 448,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when present).")] = None,
+    workers: Annotated[int, typer.Option(help="Data-loading worker processes.")] = 2,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Score every image of a data set with a frozen teacher and write its pseudo-labels beside the labels;
+    then mlic train --data OUT --loss aevlp (or any loss: the pseudo-labels become extra positives)."""
+    from mlic.data.splits import load_prepared
+    from mlic.engine.teaching import pseudo_label_data
+
+    report = pseudo_label_data(data, teacher, out, rule=rule, prompt=prompt,
+                               teacher_args=parse_kv(teacher_arg, "--teacher-arg"), img_size=img_size, device=device,
+                               workers=workers, progress=not quiet, say=typer.echo)
+    classes = next(iter(load_prepared(out).values())).classes
+    for split, quality in report.items():
+        positives = quality["positives"]
+        typer.echo(f"{split}: {int(positives.sum())} pseudo-positives over {len(classes)} classes")
+        clean = quality["precision"] is not None
+        typer.echo(f"  {'class':24s} {'pseudo-pos':>10s}" + (f" {'precision':>9s} {'recall':>7s}" if clean else ""))
+        for k, name in enumerate(classes):
+            line = f"  {name[:24]:24s} {int(positives[k]):10d}"
+            if clean:
+                p, r = quality["precision"][k], quality["recall"][k]
+                line += f" {'-' if p != p else f'{100 * p:.1f}':>9s} {'-' if r != r else f'{100 * r:.1f}':>7s}"
+            typer.echo(line)
+    typer.echo(f"wrote {out}/; train with: mlic train --data {out} --loss {rule}")
+
+
 @app.command("losses")
 def list_losses() -> None:
     """List every loss: its paper, the labels it is meant for, and its settings with their defaults."""
@@ -641,6 +704,8 @@ def list_losses() -> None:
                              for p in params)
         typer.echo(f"{name:8s} {cls.labels} labels; {cls.paper}")
         typer.echo(f"{'':8s} --loss-arg: {settings or '(none)'}")
+        if getattr(cls, "teacher", None):
+            typer.echo(f"{'':8s} teacher: {cls.teacher} (--teacher, or --data from mlic pseudo-label)")
 
 
 convert_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Convert foreign checkpoints.")
@@ -679,6 +744,36 @@ def convert_ml_decoder(
     names = read_class_names(classes) if classes else None
     out = run_convert(file, output, names, img_size)
     typer.echo(f"wrote {out}/model.safetensors and model.json; evaluate with: mlic eval --checkpoint {out} --data ...")
+
+
+@app.command()
+@user_errors
+def sweep(
+    file: Annotated[Path | None, typer.Argument(help="Sweep file (base:, grid:, select:, report:, resources:), e.g. "
+                                                     "recipes/sweeps/spl_multidigits.yaml; omit it with --resume "
+                                                     "or --report.")] = None,
+    out: Annotated[Path, typer.Option(help="Sweep folder: a run folder per trial, results.jsonl, table.md, "
+                                           "table.csv, val_mAP.png.")] = ...,
+    address: Annotated[str | None, typer.Option(help="An existing Ray cluster: auto or HOST:PORT. Default: Ray on "
+                                                     "this machine, every core.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the sweep in --out: finished trials are kept, the rest "
+                                              "run (a killed trial from its last.pt).")] = False,
+    report: Annotated[bool, typer.Option(help="Only write the table again from --out's results.jsonl.")] = False,
+) -> None:
+    """Run a protocol grid on Ray Tune (a trial is one mlic train) and print the selected table."""
+    from mlic import sweep as sweeps
+
+    if report:
+        typer.echo(sweeps.write_report(out), nl=False)
+        return
+    if file is None and not resume:
+        raise MlicError("give a sweep file (mlic sweep FILE --out DIR), or --resume / --report for --out's sweep")
+    done = sweeps.run_sweep(out, file, address=address, resume=resume, log=typer.echo)
+    typer.echo(done.table, nl=False)
+    typer.echo(f"outputs: {out}/ (results.jsonl, table.md, table.csv, val_mAP.png, trials/); curves: "
+               f"tensorboard --logdir {out}")
+    if not done.complete:  # the table is printed, but a script must see that trials are missing
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -99,7 +99,7 @@ class TrainConfig:
     amp: str = "auto"
     """Mixed precision: "auto" (bf16/fp16 on CUDA, fp32 on CPU), "bf16", "fp16", "off"."""
     workers: int | None = None
-    """DataLoader worker processes (None: chosen from the core count, see mlic.engine.run.choose_threads)."""
+    """DataLoader worker processes (None: chosen from the core count, see mlic.engine.threads.choose_threads)."""
     threads: int | None = None
     """torch threads (None: chosen from the core count with the workers)."""
     seed: int = 0

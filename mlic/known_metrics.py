@@ -1,7 +1,7 @@
 """Metrics over the known entries only (the OpenImages protocol), for sparse targets at that size.
 
 Each class's entries whose target is not -1 are gathered class chunk by class chunk (``by_class()`` of a
-:class:`mlic.data.labelset.SparseTargets`, or the known cells of a dense matrix), sorted once per chunk, and
+:class:`mlic.data.targets.SparseTargets`, or the known cells of a dense matrix), sorted once per chunk, and
 reduced to AP (scikit-learn and VOC), F1-best thresholds and threshold counts. The target matrix is never
 densified and the score matrix (an ndarray or a memmap, 125k × 9,605 on OpenImages) is never copied: only the
 scores at known entries are read, plus, for the top-3 metrics, one chunk of rows at a time. Results equal
@@ -167,7 +167,7 @@ def known_average_precision(scores: np.ndarray, targets, chunk_entries: int = 1 
     Args:
         scores: ``(N, K)`` floats (an ndarray or a memory-mapped npy file); higher = more likely positive.
         targets: ``(N, K)`` 1 / 0 / -1, dense (ndarray, memmap) or sparse (an object with ``by_class()``
-            returning ``(class_ptr (K+1,), rows, values)``, e.g. ``mlic.data.labelset.SparseTargets``).
+            returning ``(class_ptr (K+1,), rows, values)``, e.g. ``mlic.data.targets.SparseTargets``).
         chunk_entries: Dense cells of a class chunk (sets how many classes are processed at once).
 
     Returns:

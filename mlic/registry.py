@@ -1,11 +1,32 @@
-"""The one tiny registry helper behind backbones, heads and losses: a plain dict and a decorator."""
+"""The registry tables of mlic: losses, heads, backbones and data-set readers, each a plain dict.
+
+Members register themselves with a decorator (``@register_loss("bce")``) in their own module; each
+package's ``__init__`` imports its member modules (``mlic.losses``, ``mlic.models``, ``mlic.data``),
+so importing a package fills its table. This module imports nothing of mlic but :mod:`mlic.errors`,
+so any module may import it without a cycle (timm's ``_registry.py``). The ``get_*`` and ``list_*``
+helpers import the member package first, so they work from a fresh interpreter too.
+"""
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable
+from typing import Any
 
 from mlic.errors import MlicError
+
+LOSSES: dict[str, Callable[..., Any]] = {}
+"""Loss classes (``nn.Module``) by name, built as ``LOSSES[name](**loss_args)``; members in mlic/losses/."""
+
+HEADS: dict[str, Callable[..., Any]] = {}
+"""Heads by name, built as ``HEADS[name](in_channels, num_classes, **head_args)``; members in mlic/models/."""
+
+BACKBONES: dict[str, Callable[..., Any]] = {}
+"""In-house backbones by name (timm's own are found through timm), built as ``BACKBONES[name](pretrained=...)``."""
+
+READERS: dict[str, Callable[..., Any]] = {}
+"""Data-set readers by kind: ``READERS[kind](root, **options) -> {split: LabelSet}``; members in mlic/data/."""
 
 
 def registrar(table: dict, kind: str) -> Callable[[str], Callable]:
@@ -28,6 +49,74 @@ def registrar(table: dict, kind: str) -> Callable[[str], Callable]:
         return add
 
     return register
+
+
+register_loss = registrar(LOSSES, "loss")
+"""Class decorator adding a loss under a name; a name registered twice is refused."""
+
+register_head = registrar(HEADS, "head")
+"""Class decorator adding a head under a name; a name registered twice is refused."""
+
+register_backbone = registrar(BACKBONES, "backbone")
+"""Decorator adding a backbone (class or function) under a name; a name registered twice is refused."""
+
+register_reader = registrar(READERS, "reader")
+"""Function decorator adding a data-set reader under a kind name; a name registered twice is refused."""
+
+
+def _members(package: str) -> None:
+    importlib.import_module(package)  # its __init__ imports the modules that register
+
+
+def _get(table: dict, kind: str, name: str, package: str) -> Callable[..., Any]:
+    _members(package)
+    if name not in table:
+        raise MlicError(f"unknown {kind} '{name}'; choose one of: {', '.join(sorted(table))}")
+    return table[name]
+
+
+def get_loss(name: str) -> Callable[..., Any]:
+    """The loss class registered under ``name`` (exact name; ``mlic.losses.build_loss`` builds one)."""
+    return _get(LOSSES, "loss", name, "mlic.losses")
+
+
+def get_head(name: str) -> Callable[..., Any]:
+    """The head registered under ``name``."""
+    return _get(HEADS, "head", name, "mlic.models")
+
+
+def get_backbone(name: str) -> Callable[..., Any]:
+    """The in-house backbone registered under ``name`` (timm's own are built by ``mlic.models.backbones``)."""
+    return _get(BACKBONES, "backbone", name, "mlic.models")
+
+
+def get_reader(kind: str) -> Callable[..., Any]:
+    """The data-set reader registered under ``kind`` ("coco", "voc", ...)."""
+    return _get(READERS, "data set kind", kind, "mlic.data")
+
+
+def list_losses() -> list[str]:
+    """Every registered loss name, sorted."""
+    _members("mlic.losses")
+    return sorted(LOSSES)
+
+
+def list_heads() -> list[str]:
+    """Every registered head name, sorted."""
+    _members("mlic.models")
+    return sorted(HEADS)
+
+
+def list_backbones() -> list[str]:
+    """Every in-house backbone name, sorted (timm's models are not listed)."""
+    _members("mlic.models")
+    return sorted(BACKBONES)
+
+
+def list_readers() -> list[str]:
+    """Every registered data-set kind, sorted."""
+    _members("mlic.data")
+    return sorted(READERS)
 
 
 def accepted_arguments(factory: Callable, skip: int = 0) -> list[str] | None:

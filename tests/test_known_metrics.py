@@ -30,7 +30,7 @@ def partial_problem(n=300, k=23, known=0.15, seed=5, dtype=np.float32):
 @pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("chunk_entries", [1, 1000, 1 << 22])  # one class per chunk, a few, all at once
 def test_known_average_precision_matches_sklearn_on_known_entries(dtype, sparse, chunk_entries):
-    from mlic.data.labelset import SparseTargets
+    from mlic.data.targets import SparseTargets
 
     scores, targets = partial_problem(dtype=dtype)
     given = SparseTargets.from_dense(targets) if sparse else targets
@@ -78,7 +78,7 @@ class NeverDense:
     """SparseTargets that fail the test when anything densifies them (whole matrix, rows or comparisons)."""
 
     def __init__(self, targets):
-        from mlic.data.labelset import SparseTargets
+        from mlic.data.targets import SparseTargets
 
         self.sparse = SparseTargets.from_dense(targets)
         self.shape, self.ndim = self.sparse.shape, 2
@@ -139,7 +139,7 @@ def test_known_metrics_table_reads_only_rows_from_memory_mapped_scores(storage, 
 
 
 def test_known_metrics_table_warns_and_refuses_bad_input():
-    from mlic.data.labelset import SparseTargets
+    from mlic.data.targets import SparseTargets
 
     scores, targets = partial_problem(n=60, k=5)
     sparse = SparseTargets.from_dense(targets)
@@ -171,7 +171,7 @@ def test_known_best_thresholds_equal_best_thresholds(dtype, chunk_entries):
 
 
 def test_sparse_defaults_are_the_dense_defaults():
-    from mlic.data.labelset import SparseTargets
+    from mlic.data.targets import SparseTargets
 
     scores, targets = partial_problem(n=120, k=9)
     with warnings.catch_warnings():

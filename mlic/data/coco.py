@@ -23,12 +23,14 @@ import json
 import os
 import posixpath
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pycocotools.coco import COCO
 
 from mlic.data.labelset import LabelSet, LabelSetError, class_name_problem, image_path_problem
 from mlic.errors import MlicError
+from mlic.registry import register_reader
 
 ORDERS = ("all", "cole")
 
@@ -117,6 +119,12 @@ def read_coco_splits(root: str | os.PathLike, order: str = "all", year: str = "2
             raise LabelSetError(f"{labelset.meta['annotation_file']}: field 'categories' differs from "
                                 f"{first.meta['annotation_file']}; both splits must share one category list")
     return sets
+
+
+@register_reader("coco")
+def prepare_coco(root: Path, order: Literal["all", "cole"] = "all", year: str = "2014") -> dict[str, LabelSet]:
+    """``mlic prepare coco``: train (train{year}) and val (val{year}) of the official layout."""
+    return read_coco_splits(root, order=order, year=year)
 
 
 def _load_json(path: Path) -> dict:

@@ -26,8 +26,10 @@ import numpy as np
 from mlic.data.labelset import LabelSet, LabelSetError
 from mlic.data.table import read_lines
 from mlic.errors import MlicError
+from mlic.registry import register_reader
 
 
+@register_reader("cub")
 def read_cub(root: str | os.PathLike, min_certainty: int = 1) -> dict[str, LabelSet]:
     """Read CUB-200-2011 attribute labels.
 

@@ -28,8 +28,9 @@ from torch.utils.data import Subset
 
 from mlic.config import IMAGENET_MEAN, IMAGENET_STD
 from mlic.data.images import BadImageCheck, ImageDataset, build_transform, make_loader, normalize
-from mlic.data.labelset import LabelSet, atomic_write_bytes
+from mlic.data.labelset import LabelSet
 from mlic.errors import MlicError
+from mlic.io import atomic_write_bytes
 from mlic.progress import progress_bar
 
 FEATURES_FORMAT = 1

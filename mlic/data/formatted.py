@@ -18,8 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mlic.data.labelset import LabelSet, atomic_save_npy
+from mlic.data.labelset import LabelSet
 from mlic.errors import MlicError
+from mlic.io import atomic_save_npy
+from mlic.registry import register_reader
 
 
 def formatted_paths(directory: str | os.PathLike, split: str) -> dict[str, Path]:
@@ -98,6 +100,14 @@ def import_formatted(directory: str | os.PathLike, split: str, root: str | os.Pa
     paths_str = [str(p.decode() if isinstance(p, bytes) else p) for p in images.tolist()]
     return LabelSet(classes=list(classes), image_paths=paths_str, targets=labels.astype(np.int8), root=str(root),
                     split=split, observed=obs, meta={"source": "cole2021_formatted"})
+
+
+@register_reader("cole")
+def prepare_cole(root: Path, images: str | None = None, classes: list[str] | None = None) -> dict[str, LabelSet]:
+    """Cole et al.'s formatted_{train,val}_*.npy files; their val (the official val set) is our test."""
+    image_root = images or root
+    return {"train": import_formatted(root, "train", image_root, classes),
+            "test": import_formatted(root, "val", image_root, classes, observed=False)}
 
 
 def export_formatted(labelset: LabelSet, directory: str | os.PathLike, split: str) -> dict[str, Path]:

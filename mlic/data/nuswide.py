@@ -22,6 +22,7 @@ import numpy as np
 from mlic.data.labelset import LabelSet, LabelSetError
 from mlic.data.table import read_lines
 from mlic.errors import MlicError
+from mlic.registry import register_reader
 
 SPLITS = {"train": "Train", "test": "Test"}
 
@@ -98,3 +99,11 @@ def read_nuswide(root: str | os.PathLike, split: str = "train", images: str = "F
     }
     kept = np.flatnonzero(keep)
     return LabelSet(concepts, [paths[i] for i in kept], targets[kept], root=str(root), split=split, meta=meta)
+
+
+@register_reader("nuswide")
+def prepare_nuswide(root: Path, images: str = "Flickr", drop_missing: bool = False,
+                    drop_unlabeled: bool = False) -> dict[str, LabelSet]:
+    """``mlic prepare nuswide``: its train and test splits."""
+    return {split: read_nuswide(root, split, images=images, drop_missing=drop_missing, drop_unlabeled=drop_unlabeled)
+            for split in ("train", "test")}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mlic.data.labelset import check_targets
+from mlic.data.targets import check_targets
 from mlic.errors import MlicError
 
 

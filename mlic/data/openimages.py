@@ -10,7 +10,7 @@ Layout under ``root``, as downloaded from the official site (V7 names ``oidv7-â€
 
 Confidence 1 is a positive, 0 a negative; a class not listed for an image is unknown (-1). An
 image appears in a split when it has at least one human-verified label there. Targets are
-:class:`~mlic.data.labelset.SparseTargets`: 9M images with ~8 known labels each take ~0.4 GB.
+:class:`~mlic.data.targets.SparseTargets`: 9M images with ~8 known labels each take ~0.4 GB.
 
 Streaming: a label file is read in blocks of :data:`BLOCK_BYTES` and each block is parsed with
 C-level byte splitting; memory is bounded by the block plus the output (5 bytes per known label,
@@ -33,8 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mlic.data.labelset import ImagePaths, LabelSet, LabelSetError, SparseTargets
+from mlic.data.labelset import ImagePaths, LabelSet, LabelSetError
+from mlic.data.targets import SparseTargets
 from mlic.progress import progress_bar
+from mlic.registry import register_reader
 
 BLOCK_BYTES = 8 << 20
 CLASS_FILES = ("oidv7-class-descriptions.csv", "oidv6-class-descriptions.csv", "class-descriptions.csv")
@@ -258,6 +260,7 @@ class _LabelReader:
         return held
 
 
+@register_reader("openimages")
 def read_openimages(root: str | os.PathLike, trainable: str | os.PathLike | None = None, drop_missing: bool = False,
                     progress: bool = True) -> dict[str, LabelSet]:
     """Read every split present into sparse LabelSets: train (required), val (from validation), test.

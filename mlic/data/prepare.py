@@ -25,87 +25,42 @@ from __future__ import annotations
 import inspect
 import json
 import os
-from collections.abc import Callable
+import typing
 from pathlib import Path
 
 import numpy as np
 
-from mlic.data.coco import read_coco_splits
-from mlic.data.cub import read_cub
 from mlic.data.labelset import LabelSet, LabelSetContentError, LabelSetError, check_image_paths
-from mlic.data.nuswide import read_nuswide
 from mlic.data.observe import observe as draw_observed
-from mlic.data.table import read_table
-from mlic.data.voc import find_voc, read_voc
 from mlic.errors import MlicError
 from mlic.io import folder_swap
-
-
-def _coco(root: Path, order: str = "all", year: str = "2014") -> dict[str, LabelSet]:
-    return read_coco_splits(root, order=order, year=year)
-
-
-def _voc(root: Path, year: str | None = None, splits: tuple[str, str] | None = None, source: str = "xml",
-         difficult: str = "unknown") -> dict[str, LabelSet]:
-    folder = find_voc(root, year)
-    if splits is None:
-        splits = ("trainval", "test") if (folder / "ImageSets" / "Main" / "test.txt").is_file() else ("train", "val")
-    train, held_out = splits
-    return {
-        "train": read_voc(folder, train, source=source, difficult=difficult),
-        "test" if held_out == "test" else "val": read_voc(folder, held_out, source=source, difficult=difficult),
-    }
-
-
-def _nuswide(root: Path, images: str = "Flickr", drop_missing: bool = False,
-             drop_unlabeled: bool = False) -> dict[str, LabelSet]:
-    return {split: read_nuswide(root, split, images=images, drop_missing=drop_missing, drop_unlabeled=drop_unlabeled)
-            for split in ("train", "test")}
-
-
-def _cub(root: Path, min_certainty: int = 1) -> dict[str, LabelSet]:
-    return read_cub(root, min_certainty=min_certainty)
-
-
-def _table(root: Path, images: str | None = None, classes: list[str] | None = None, val: str | None = None,
-           test: str | None = None) -> dict[str, LabelSet]:
-    sets = {"train": read_table(root, images=images, classes=classes, split="train")}
-    for split, path in (("val", val), ("test", test)):
-        if path is not None:
-            # same classes, same column order, same image folder unless the table sits elsewhere
-            sets[split] = read_table(path, images=images, classes=sets["train"].classes, split=split)
-    return sets
-
-
-def _cole(root: Path, images: str | None = None, classes: list[str] | None = None) -> dict[str, LabelSet]:
-    """Cole et al.'s formatted_{train,val}_*.npy files; their val (the official val set) is our test."""
-    from mlic.data.formatted import import_formatted
-
-    image_root = images or root
-    return {"train": import_formatted(root, "train", image_root, classes),
-            "test": import_formatted(root, "val", image_root, classes, observed=False)}
-
-
-def _openimages(root: Path, trainable: str | None = None, drop_missing: bool = False,
-                progress: bool = True) -> dict[str, LabelSet]:
-    """OpenImages V6/V7 human-verified image labels, stored sparsely (see mlic/data/openimages.py)."""
-    from mlic.data.openimages import read_openimages
-
-    return read_openimages(root, trainable=trainable, drop_missing=drop_missing, progress=progress)
-
-
-READERS: dict[str, Callable[..., dict[str, LabelSet]]] = {
-    "coco": _coco, "voc": _voc, "nuswide": _nuswide, "cub": _cub, "table": _table, "cole": _cole,
-    "openimages": _openimages,
-}
+from mlic.registry import READERS, get_reader, register_reader  # noqa: F401  (READERS, register_reader re-exported)
 
 
 def kind_options(kind: str) -> dict[str, object]:
     """The options ``prepare`` accepts for ``kind`` beyond the common ones, with their defaults."""
-    if kind not in READERS:
-        raise MlicError(f"unknown data set kind '{kind}'; choose one of {sorted(READERS)}")
-    params = list(inspect.signature(READERS[kind]).parameters.values())[1:]
+    params = list(inspect.signature(get_reader(kind)).parameters.values())[1:]
     return {p.name: p.default for p in params}
+
+
+def describe_options(kind: str) -> str:
+    """``kind``'s reader options for a help text: ``key=a|b`` (choices, default first), ``key=default``, or
+    ``key`` alone (no default: the reader decides, e.g. from the files)."""
+    reader = get_reader(kind)
+    try:
+        signature = inspect.signature(reader, eval_str=True)
+    except (NameError, TypeError, SyntaxError):  # a user's reader with annotations that do not resolve
+        signature = inspect.signature(reader)
+    shown = []
+    for p in list(signature.parameters.values())[1:]:
+        choices = typing.get_args(p.annotation) if typing.get_origin(p.annotation) is typing.Literal else ()
+        if choices:
+            shown.append(f"{p.name}={'|'.join(str(c) for c in sorted(choices, key=lambda c: c != p.default))}")
+        elif p.default is None or p.default is p.empty:
+            shown.append(p.name)
+        else:
+            shown.append(f"{p.name}={str(p.default).lower() if isinstance(p.default, bool) else p.default}")
+    return " ".join(shown)
 
 
 def prepare(kind: str, root: str | os.PathLike, out: str | os.PathLike, observe: str | None = None,
@@ -113,7 +68,8 @@ def prepare(kind: str, root: str | os.PathLike, out: str | os.PathLike, observe:
     """Read a data set and write one LabelSet folder per split under ``out``.
 
     Args:
-        kind: "coco", "voc", "nuswide", "cub", "table", "cole" or "openimages".
+        kind: a registered reader (mlic.registry.READERS): "coco", "voc", "nuswide", "cub", "table", "cole",
+            "openimages", or one a user registered with ``@register_reader``.
         root: the data set folder (for "table": the table file).
         out: folder receiving ``out/<split>/`` (LabelSet.save layout; image root stored relative).
         observe: None (full labels), "single-positive" or "partial:P"; drawn on the training split.
@@ -147,7 +103,7 @@ def prepare(kind: str, root: str | os.PathLike, out: str | os.PathLike, observe:
         raise MlicError(f"val_fraction must be in [0, 1), got {val_fraction}")
     draw_observed(np.zeros((0, 1), np.int8), observe, seed)  # an unknown scheme fails before any reading
     try:
-        sets = READERS[kind](Path(root), **options)
+        sets = get_reader(kind)(Path(root), **options)
     except LabelSetContentError as e:  # a reader built a LabelSet its files cannot make; name them
         raise LabelSetError(f"{root}: {e}") from None
     for split, labelset in sets.items():  # every reader: no image path may leave its image folder

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from mlic.data.labelset import LabelSet, LabelSetError, check_class_names, class_name_problem, image_path_problem
+from mlic.registry import register_reader
 
 LABEL_SEPARATOR = "|"
 _VALUES = {"1": 1, "0": 0, "-1": -1}
@@ -90,6 +91,18 @@ def read_table(path: str | os.PathLike, images: str | os.PathLike | None = None,
 # A parsed row: (where, image path, labels) where labels is a list of names (labels layout) or a
 # dict class -> value (per-class layout); ``where`` is "line 7" or "key 'a.jpg'" for messages.
 _Row = tuple[str, str, "list[str] | dict[str, int]"]
+
+
+@register_reader("table")
+def prepare_table(root: Path, images: str | None = None, classes: list[str] | None = None, val: str | None = None,
+                  test: str | None = None) -> dict[str, LabelSet]:
+    """``mlic prepare table``: train from the table ``root``; val and test from further tables with its classes."""
+    sets = {"train": read_table(root, images=images, classes=classes, split="train")}
+    for split, path in (("val", val), ("test", test)):
+        if path is not None:
+            # same classes, same column order, same image folder unless the table sits elsewhere
+            sets[split] = read_table(path, images=images, classes=sets["train"].classes, split=split)
+    return sets
 
 
 def _split_labels(text: str) -> list[str]:

@@ -19,12 +19,14 @@ from __future__ import annotations
 import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from mlic.data.labelset import LabelSet, LabelSetError
 from mlic.data.table import read_lines
 from mlic.errors import MlicError
+from mlic.registry import register_reader
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -83,6 +85,21 @@ def read_voc(root: str | os.PathLike, split: str, source: str = "xml", difficult
     meta = {"source": "voc", "folder": str(folder), "label_source": source, "difficult": difficult}
     return LabelSet(list(VOC_CLASSES), [f"JPEGImages/{i}.jpg" for i in ids], targets, root=str(folder),
                     split=split, meta=meta)
+
+
+@register_reader("voc")
+def prepare_voc(root: Path, year: str | None = None, splits: tuple[str, str] | None = None,
+                source: Literal["xml", "lists"] = "xml",
+                difficult: Literal["unknown", "positive", "negative"] = "unknown") -> dict[str, LabelSet]:
+    """``mlic prepare voc``: train and test (trainval/test, when test.txt exists) or train and val (train/val)."""
+    folder = find_voc(root, year)
+    if splits is None:
+        splits = ("trainval", "test") if (folder / "ImageSets" / "Main" / "test.txt").is_file() else ("train", "val")
+    train, held_out = splits
+    return {
+        "train": read_voc(folder, train, source=source, difficult=difficult),
+        "test" if held_out == "test" else "val": read_voc(folder, held_out, source=source, difficult=difficult),
+    }
 
 
 def _read_ids(path: Path) -> list[str]:

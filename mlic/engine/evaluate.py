@@ -9,8 +9,9 @@ import numpy as np
 import torch
 
 from mlic.data.images import BadImageCheck, ImageDataset, build_transform, make_loader, normalize
-from mlic.data.labelset import LabelSet, SparseTargets
+from mlic.data.labelset import LabelSet
 from mlic.data.shards import ShardDataset
+from mlic.data.targets import SparseTargets, is_sparse
 from mlic.engine import dist
 from mlic.errors import MlicError
 from mlic.known_metrics import known_best_thresholds, known_metrics_table
@@ -150,7 +151,7 @@ def evaluate_scores(scores: np.ndarray, targets: np.ndarray | SparseTargets, thr
     (all K where every class has a positive). Sparse targets (:class:`SparseTargets`) are never densified:
     the table is :func:`mlic.known_metrics.known_metrics_table`, over the known entries only.
     """
-    if isinstance(targets, SparseTargets):
+    if is_sparse(targets):
         if rows is not None:
             rows = np.unique(rows)
         bad = _nonfinite_rows(scores, rows)
@@ -168,7 +169,7 @@ def evaluate_scores(scores: np.ndarray, targets: np.ndarray | SparseTargets, thr
 def fit_thresholds(scores: np.ndarray, targets: np.ndarray | SparseTargets,
                    rows: np.ndarray | None = None) -> np.ndarray:
     """Per-class F1-best thresholds (K,) on ``rows`` (default all); sparse targets over their known entries only."""
-    if isinstance(targets, SparseTargets):
+    if is_sparse(targets):
         return known_best_thresholds(scores, targets, rows=rows)
     if rows is None:
         return best_thresholds(scores, np.asarray(targets))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +49,21 @@ class TrainJob:
     """Show progress bars."""
     log: Callable = print
     """Where lines are printed (rank 0 only)."""
+    log_to: str | None = None
+    """Also write the training curves there: ``"tensorboard"`` (event files in the run folder) or None."""
+    features_dir: Path | None = None
+    """The feature cache of ``--mode linear`` shared with other runs (one extracts, the others wait and read);
+    None: ``out/features``."""
+    teacher: str | None = None
+    """A frozen teacher's weights (``--teacher``: CLIP in OpenAI / open_clip / Hugging Face layout, or an mlic model
+    folder with ``kind=classifier``) whose pseudo-labels the loss gets (mlic.engine.teaching); None: no teacher."""
+    teacher_args: dict = field(default_factory=dict)
+    """``--teacher-arg`` settings: rule, its thresholds, view maker, prompt, dtype, ... (mlic.engine.teaching)."""
+    teacher_cache: bool = True
+    """True: one teacher pass before training, pseudo-labels kept (and resumed); False: every step, on the step's
+    own views (the official schedule of VLPL and AEVLP)."""
+    data: Path | None = None
+    """The data folder (where ``mlic pseudo-label`` leaves pseudo-labels); None for MultiDigits."""
 
 
 @dataclass
@@ -85,7 +100,8 @@ def make_job(
     digits_size: str | None = None, resume: bool = False, overwrite: bool = False,
     init_from: str | Path | None = None, linear_args: dict | None = None, checkpoint_every: float | None = None,
     threads: int | None = None, strict_images: bool = False, max_bad_images: str | float = "1%",
-    quiet: bool = False, log: Callable = print,
+    quiet: bool = False, log: Callable = print, log_to: str | None = None, features_dir: str | Path | None = None,
+    teacher: str | Path | None = None, teacher_args: dict | None = None, teacher_cache: bool = True,
 ) -> TrainJob:
     """The job ``mlic train`` runs, from its options: what the CLI and :func:`mlic.train` both call.
 
@@ -104,7 +120,7 @@ def make_job(
     from mlic.data.images import parse_bad_limit
     from mlic.data.splits import training_splits
     from mlic.engine import dist
-    from mlic.engine.checkpoint import claim_run_dir
+    from mlic.engine.run_folder import claim_run_dir
     from mlic.errors import MlicError
 
     recipe_sections = read_recipe(recipe) if recipe else {}
@@ -115,6 +131,10 @@ def make_job(
         raise MlicError("--resume needs --out: the run folder to continue")
     if not 0 < val_fraction < 1:
         raise MlicError(f"--val-fraction {val_fraction}: choose a share between 0 and 1, e.g. 0.2")
+    if log_to is not None:
+        from mlic.engine.tensorboard import check_log_to
+
+        check_log_to(log_to)
     if checkpoint_every is not None and checkpoint_every < 0:
         raise MlicError(f"--checkpoint-every {checkpoint_every}: give minutes, 0 or more")
     if mode == "linear":
@@ -182,4 +202,7 @@ def make_job(
                     pretrained=str(pretrained) if pretrained else None,
                     init_from=Path(init_from) if init_from is not None else None, resume=resume,
                     checkpoint_every=checkpoint_every if mode != "linear" else None, strict_images=strict_images,
-                    max_bad_images=bad_limit, progress=not quiet, log=echo)
+                    max_bad_images=bad_limit, progress=not quiet, log=echo, log_to=log_to,
+                    features_dir=Path(features_dir) if features_dir is not None else None,
+                    teacher=str(teacher) if teacher is not None else None, teacher_args=dict(teacher_args or {}),
+                    teacher_cache=teacher_cache, data=Path(data) if data is not None else None)

@@ -39,9 +39,10 @@ from torch import nn
 
 from mlic.config import TrainConfig
 from mlic.data.images import BadImageCheck
-from mlic.data.labelset import is_sparse
+from mlic.data.targets import is_sparse
 from mlic.engine.job import TrainJob
 from mlic.engine.loop import EpochProgress, LoopSettings, TrainingError, batch_rows, drive, hook, training_labels
+from mlic.engine.teaching import setup_teaching
 from mlic.errors import MlicError
 from mlic.losses import build_loss_for_data
 from mlic.optim import RowAdam, build_schedule
@@ -281,6 +282,7 @@ class FeatureSteps:
         cfg = job.train
         loss = build_loss_for_data(cfg.loss, cfg.loss_args, splits.train.train_targets, cfg.epochs, cfg.seed,
                                    clean=splits.train.targets)
+        setup_teaching(job, splits.train, loss, torch.device(device), job.log, per_step=False)  # features: cached
         steps = cls(found["train"], found["val"], found.get("test"), splits.train.train_targets, cfg, loss,
                     splits.train.classes, model)
         steps.extra = {"pretrained": weights_record(job, weights)} if weights else {}

@@ -1,6 +1,6 @@
 """ONE training loop for both modes, read top to bottom (DETR's ``engine.py``).
 
-:func:`fit` owns the epochs: the loss protocol's hooks, validation (:func:`evaluate_scores`, the one rule for
+:func:`drive` owns the epochs: the loss protocol's hooks, validation (:func:`evaluate_scores`, the one rule for
 unknown labels), best-epoch keeping, the history (one schema: 1-based ``epoch``, ``train_loss``,
 ``val_mAP``, ...), thresholds (:func:`fit_thresholds`, sparse-aware), loss state, checkpoints and progress.
 Two kinds of steps feed it, each with a ``train_one_epoch``:
@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from mlic.data.gpu_decode import check_decode_device, collate_encoded, decode_batch, read_encoded
 from mlic.data.images import BadImageCheck, EpochOrder, ImageDataset, build_transform, make_loader, normalize
 from mlic.data.shards import ShardDataset
+from mlic.data.targets import is_sparse
 from mlic.engine import dist
 from mlic.engine.checkpoint import load_model, save_model
 from mlic.engine.evaluate import (
@@ -51,6 +52,7 @@ from mlic.engine.resume import (
     set_rng_state,
     settings_differences,
 )
+from mlic.engine.teaching import setup_teaching
 from mlic.errors import MlicError
 from mlic.io import atomic_write_bytes
 from mlic.losses import build_loss_for_data
@@ -101,17 +103,6 @@ class LoopSettings:
     log: object = None
 
 
-def fit(job: TrainJob) -> RunResult:
-    """Train ``job`` in its mode, keep the best epoch by validation mAP (clean labels), evaluate it on test."""
-    from mlic.engine.linear_probe import FeatureSteps
-
-    rank, world, device = dist.init_distributed()
-    say = job.log if rank == 0 else (lambda *a, **k: None)
-    steps = FeatureSteps.from_job(job) if job.mode == "linear" else ImageSteps(job, rank, world, device, say)
-    test = job.splits.test
-    return drive(steps, job.splits.val.targets, None if test is None else test.targets, job, main=rank == 0)
-
-
 def drive(steps, val_targets, test_targets, job: TrainJob | LoopSettings, main: bool = True) -> RunResult:
     """The epochs of one run: hooks, steps, validation, best epoch, history, checkpoints; then test.
 
@@ -158,6 +149,9 @@ def drive(steps, val_targets, test_targets, job: TrainJob | LoopSettings, main: 
                                 "settings": json.dumps(steps.settings())})
 
     last_save = [time.monotonic()]
+    from mlic.engine.tensorboard import open_log
+
+    curves = open_log(getattr(job, "log_to", None), out_dir, writes)  # TensorBoard when the job asks
 
     def checkpoint(epoch: int, step: int, steps_per_epoch: int) -> None:
         """Called after each step: a resume point inside the epoch every ``job.checkpoint_every`` minutes."""
@@ -201,6 +195,7 @@ def drive(steps, val_targets, test_targets, job: TrainJob | LoopSettings, main: 
                   "bad_images": train_check.count, "val_bad_images": val_check.count,
                   "skipped_steps": partial.skipped_steps}
         history.append(record)
+        curves.epoch(record)
         improved = best.epoch < 0 or val["mAP"] > best.val_map  # a NaN mAP (no class with a positive) keeps epoch 1
         if improved:
             best = Best(val["mAP"], epoch + 1, steps.snapshot(), fit_thresholds(scores, val_targets, rows),
@@ -232,6 +227,8 @@ def drive(steps, val_targets, test_targets, job: TrainJob | LoopSettings, main: 
         if test_check.count:
             say(f"test: skipped {test_check.count} unreadable images, e.g. {test_check.messages[0]}")
     dist.barrier()
+    curves.test(test_metrics if main else None, best.epoch)
+    curves.close()
     return RunResult(out_dir, best.epoch, best.val_map, test_metrics if main else None, history,
                      history[-1]["bad_images"] if history else 0, test_scores if main else None,
                      time.perf_counter() - t_start, best)
@@ -326,7 +323,7 @@ class ImageSteps:
     """The best model and ``last.pt`` are written after every epoch: a killed run loses at most an epoch."""
 
     def __init__(self, job: TrainJob, rank: int, world: int, device: torch.device, say) -> None:
-        from mlic.engine.run import choose_threads
+        from mlic.engine.threads import choose_threads
 
         model_cfg, cfg, splits = job.model, job.train, job.splits
         train_set = splits.train
@@ -345,6 +342,7 @@ class ImageSteps:
             say(f"froze {freeze(model, cfg.freeze)} backbone tensors ({', '.join(cfg.freeze)})")
         loss_fn = build_loss_for_data(cfg.loss, cfg.loss_args, train_set.train_targets, cfg.epochs, cfg.seed,
                                       clean=train_set.targets)
+        self.teaching = setup_teaching(job, train_set, loss_fn, device, say, rank, world)  # not None: every step
         if job.init_from is not None:
             init_from_run(Path(job.init_from), model, loss_fn, say)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -457,6 +455,8 @@ class ImageSteps:
                 continue
             x = normalize(images.to(device, non_blocking=True), mean, std).contiguous(memory_format=self.memory_format)
             targets = batch_rows(self.labels, indices).to(device, non_blocking=True)
+            if self.teaching is not None:  # the teacher's pseudo-labels of this step's own views
+                self.teaching.step(x, images, targets, indices, loss_fn)
             with torch.autocast(device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
                 logits = self.net(x)
             loss = loss_fn(logits.float(), targets, indices.to(device))
@@ -530,7 +530,7 @@ class ImageSteps:
 def training_labels(targets, loss_fn: nn.Module):
     """The (N, K) labels training reads by row: an int8 tensor (a loss's corrections write into it), or the
     sparse targets themselves when the data stores them sparsely (each batch materialises its own rows)."""
-    if not hasattr(targets, "by_class"):
+    if not is_sparse(targets):
         return torch.from_numpy(np.array(targets, dtype=np.int8))
     if hook(loss_fn, "apply_corrections") is not None:
         n, k = targets.shape

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlic.data.labelset import atomic_write_bytes
+from mlic.io import atomic_write_bytes
 
 
 def finite_or_none(value):

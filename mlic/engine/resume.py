@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mlic.data.labelset import LabelSet, SparseTargets
+from mlic.data.labelset import LabelSet
+from mlic.data.targets import is_sparse
 from mlic.engine.checkpoint import CheckpointError
 from mlic.io import UnsafeFileError, atomic_write_bytes, load_torch_weights
 
@@ -66,7 +67,7 @@ def labelset_fingerprint(labelset: LabelSet) -> str:
     h = hashlib.sha1()
     h.update(json.dumps([labelset.classes, labelset.image_paths]).encode())
     targets = labelset.train_targets
-    for part in (targets.indptr, targets.indices, targets.values) if isinstance(targets, SparseTargets) else (targets,):
+    for part in (targets.indptr, targets.indices, targets.values) if is_sparse(targets) else (targets,):
         h.update(np.ascontiguousarray(part).tobytes())  # sparse: its CSR parts, never the dense matrix
     return h.hexdigest()[:16]
 

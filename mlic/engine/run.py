@@ -1,6 +1,6 @@
 """ONE training entry for both modes: ``run(job)``.
 
-The mode decides only which steps feed the one loop (:func:`mlic.engine.loop.fit`): image batches
+The mode decides only which steps feed the one loop (:func:`mlic.engine.loop.drive`): image batches
 through backbone and head, end to end, or a linear head on cached backbone features; ``linear-init``
 runs the second, then the first starting from its head and its loss state (Cole et al.'s protocol
 behind the fine-tuned ROLE figure). Every run ends in the same :func:`finish` step (test metrics,
@@ -9,7 +9,6 @@ report, plots).
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,38 +16,25 @@ import torch
 
 from mlic.engine import dist
 from mlic.engine.job import MODES, RunResult, TrainJob
+from mlic.engine.threads import choose_threads, cpu_count
 from mlic.errors import MlicError
 
 
-def cpu_count() -> int:
-    """Cores this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+def fit(job: TrainJob) -> RunResult:
+    """Train ``job`` in its mode through the one loop, keep the best epoch by validation mAP (clean labels),
+    evaluate it on test: the mode picks the steps that feed :func:`mlic.engine.loop.drive`."""
+    from mlic.engine.linear_probe import FeatureSteps
+    from mlic.engine.loop import ImageSteps, drive
 
-
-def choose_threads(workers: int | None, threads: int | None) -> tuple[int, int]:
-    """(torch threads, loader workers): the options when given, else chosen from the core count.
-
-    Torch threads plus busy loader workers beyond the core count slow CPU training by up to 10x (threads
-    spin waiting for each other). On a GPU the CPU only decodes: one thread, the other cores as workers.
-    On a CPU the matmuls need the cores: a worker per four cores, the rest as threads.
-    """
-    cores = cpu_count()
-    if torch.cuda.is_available():
-        auto_workers, auto_threads = min(8, max(cores - 1, 0)), 1
-    else:
-        auto_workers = cores // 4
-        auto_threads = max(1, cores - auto_workers)
-    workers = auto_workers if workers is None else workers
-    threads = threads or (auto_threads if workers == auto_workers else max(1, cores - workers))
-    return threads, workers
+    rank, world, device = dist.init_distributed()
+    say = job.log if rank == 0 else (lambda *a, **k: None)
+    steps = FeatureSteps.from_job(job) if job.mode == "linear" else ImageSteps(job, rank, world, device, say)
+    test = job.splits.test
+    return drive(steps, job.splits.val.targets, None if test is None else test.targets, job, main=rank == 0)
 
 
 def run(job: TrainJob) -> RunResult:
     """Train in ``job.mode``, keep the best epoch by validation mAP, evaluate it on test, write the run folder."""
-    from mlic.engine.loop import fit
 
     if job.mode not in MODES:
         raise MlicError(f"--mode {job.mode!r}: choose one of {', '.join(MODES)}")

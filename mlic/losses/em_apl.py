@@ -32,8 +32,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from mlic.losses import EpochLoss, LossInputError, register_loss, require_indices, require_unknown
+from mlic.losses.base import EpochLoss, LossInputError, batch_inputs, require_indices, require_unknown
 from mlic.losses.full import log_sigmoids
+from mlic.registry import register_loss
 
 LOG_EPSILON = 1e-5
 
@@ -52,10 +53,7 @@ def em_loss(
         beta: weight of the soft-target BCE on pseudo-labelled entries.
         eps: the log epsilon (official 1e-5).
     """
-    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    targets = targets.to(logits.device)
-    if targets.shape != logits.shape:
-        raise LossInputError(f"targets have shape {tuple(targets.shape)}, logits {tuple(logits.shape)}")
+    logits, targets = batch_inputs(logits, targets)
     p = torch.sigmoid(logits)
     logp, log1mp = log_sigmoids(logits, eps)
     unknown = targets == -1

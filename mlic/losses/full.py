@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlic.losses import register_loss
+from mlic.registry import register_loss
 
 
 def log_sigmoids(logits: torch.Tensor, eps: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:

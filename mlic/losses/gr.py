@@ -22,7 +22,8 @@ from collections.abc import Sequence
 
 import torch
 
-from mlic.losses import EpochLoss, LossInputError, register_loss, require_unknown
+from mlic.losses.base import EpochLoss, LossInputError, batch_inputs, require_unknown
+from mlic.registry import register_loss
 
 LOG_EPSILON = 1e-7
 SCHEDULES = ("official", "endpoints")
@@ -54,10 +55,7 @@ def gr_weights(probs: torch.Tensor, w: float, b: float, mu: float, sigma: float)
 def gr_loss(logits: torch.Tensor, targets: torch.Tensor, w: float, b: float, mu: float, sigma: float,
             q2: float = 0.01, q3: float = 1.0, eps: float = LOG_EPSILON) -> torch.Tensor:
     """GR loss on logits (B, K) with targets (B, K) in {1, 0, -1} at schedule values (w, b, μ, σ); a scalar."""
-    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    targets = targets.to(logits.device)
-    if targets.shape != logits.shape:
-        raise LossInputError(f"targets have shape {tuple(targets.shape)}, logits {tuple(logits.shape)}")
+    logits, targets = batch_inputs(logits, targets)
     p = torch.sigmoid(logits)
     k, v = gr_weights(p.detach(), w, b, mu, sigma)
     unknown_term = v * (k * (1 - p.pow(q2)) / q2 + (1 - k) * (1 - (1 - p).pow(q3)) / q3)

@@ -30,7 +30,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from mlic.losses import EpochLoss, LossInputError, batch_inputs, register_loss, require_indices, require_unknown
+from mlic.losses.base import EpochLoss, LossInputError, batch_inputs, require_indices, require_unknown
+from mlic.registry import register_loss
 
 SCHEMES = ("ll_r", "ll_ct", "ll_cp")
 WRITEBACKS = ("strict", "inclusive")

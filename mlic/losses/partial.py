@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from mlic.errors import MlicError
-from mlic.losses import register_loss
 from mlic.losses.full import log_sigmoids
+from mlic.registry import register_loss
 
 REDUCTIONS = ("mean", "none")
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mlic.losses import EpochLoss, LossInputError, batch_inputs, register_loss
+from mlic.losses.base import EpochLoss, LossInputError, batch_inputs
+from mlic.registry import register_loss
 
 REDUCTIONS = ("sum", "mean", "none")
 

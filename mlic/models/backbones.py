@@ -30,13 +30,7 @@ from mlic.models.weights import (
     read_state_dict,
     strip_prefixes,
 )
-from mlic.registry import registrar
-
-BACKBONES: dict[str, Callable[..., nn.Module]] = {}
-
-
-register_backbone = registrar(BACKBONES, "backbone")
-"""Class decorator adding a backbone under a name; a name registered twice is refused."""
+from mlic.registry import BACKBONES, register_backbone
 
 
 def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
@@ -276,6 +270,3 @@ def _timm_weights(backbone: str) -> PretrainedWeights:
     hint = f", or a tag that has them: --backbone {' / '.join(tagged)}" if tagged else ""
     raise WeightsError(f"{name}: timm has no pretrained weights for this model; pass --pretrained FILE or "
                        f"hf-hub:ORG/NAME{hint}")
-
-
-from mlic.models import cvt as _cvt  # noqa: E402,F401  (registers the in-house "cvt_w24")

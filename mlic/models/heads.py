@@ -14,9 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlic.errors import MlicError
-from mlic.registry import registrar
-
-HEADS: dict[str, Callable[..., nn.Module]] = {}
+from mlic.registry import HEADS, register_head  # noqa: F401  (HEADS re-exported)
 
 
 class HeadWeightsError(MlicError):
@@ -41,10 +39,6 @@ def check_head_weights(
             found = tuple(value.shape)
             raise HeadWeightsError(f"{head} head: the weights' {prefix}{key} has shape {found} but this head has "
                                    f"{tuple(shape)}; build the head with {hint(found)} to load them")
-
-
-register_head = registrar(HEADS, "head")
-"""Class decorator adding a head under a name; a name registered twice is refused."""
 
 
 @register_head("boostlu")
@@ -378,6 +372,3 @@ class Query2LabelHead(nn.Module):
         if return_attention:
             return logits, weights.reshape(batch, -1, h, w)
         return logits
-
-
-from mlic.models import ml_decoder as _ml_decoder  # noqa: E402,F401  (registers "ml_decoder")

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlic.errors import MlicError
-from mlic.models.heads import MultiheadAttention, check_head_weights, register_head
+from mlic.models.heads import MultiheadAttention, check_head_weights
+from mlic.registry import register_head
 
 
 def ml_decoder_sizes(num_classes: int, num_of_groups: int = -1, decoder_embedding: int = 768) -> tuple[int, int, int]:

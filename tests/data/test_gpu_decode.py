@@ -208,6 +208,7 @@ def test_fit_with_the_device_path_is_the_cpu_paths_run(tiny_digits, tmp_path, mo
     from mlic.config import ModelConfig
     from mlic.data.splits import Splits
     from mlic.engine.job import TrainJob
+    from mlic.engine.run import fit
 
     splits, _, _ = tiny_digits
 
@@ -228,7 +229,7 @@ def test_fit_with_the_device_path_is_the_cpu_paths_run(tiny_digits, tmp_path, mo
                           decode_device=decode_device)
         job = TrainJob(ModelConfig(num_classes=10, img_size=32), cfg, Splits(train, val, None),
                        tmp_path / decode_device, progress=False, log=lambda *a, **k: None)
-        results[decode_device] = engine.fit(job)
+        results[decode_device] = fit(job)
     assert len(calls) == 2 * (len(train) // 32)  # every training batch went through decode_batch
     losses = {d: [h["train_loss"] for h in r.history] for d, r in results.items()}
     assert losses["cuda"] == losses["cpu"]

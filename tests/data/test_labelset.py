@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from mlic.data import labelset
-from mlic.data.labelset import ImagePaths, LabelSet, LabelSetError, SparseTargets, atomic_npy_memmap
+from mlic.data import labelset, targets
+from mlic.data.labelset import ImagePaths, LabelSet, LabelSetError
+from mlic.data.targets import SparseTargets
+from mlic.io import atomic_npy_memmap
 
 
 def make(n=5, k=3, observed=False):
@@ -79,41 +81,13 @@ def test_subset_copies_rows():
     np.testing.assert_array_equal(sub.observed, ls.observed[[3, 1]])
 
 
-# ---- sparse targets ------------------------------------------------------------------------------------------
+# ---- sparse targets in a LabelSet ------------------------------------------------------------------------------------
 
 
 def random_targets(n=40, k=7, known=0.3, seed=1):
     rng = np.random.RandomState(seed)
     values = rng.randint(0, 2, size=(n, k)).astype(np.int8)
     return np.where(rng.rand(n, k) < known, values, -1).astype(np.int8)
-
-
-def test_sparse_reads_like_dense():
-    dense = random_targets()
-    dense[3] = -1  # a row with nothing known
-    sparse = SparseTargets.from_dense(dense, chunk_rows=6)
-    assert sparse.shape == dense.shape and len(sparse) == 40 and sparse.ndim == 2 and sparse.dtype == np.int8
-    assert sparse.nnz == int((dense != -1).sum())
-    for i in (0, 3, 39, -1):
-        np.testing.assert_array_equal(sparse[i], dense[i])
-    rows = np.array([5, 0, 5, 39])
-    np.testing.assert_array_equal(sparse[rows], dense[rows])
-    np.testing.assert_array_equal(sparse[2:30:3], dense[2:30:3])
-    np.testing.assert_array_equal(sparse[dense[:, 0] == 1], dense[dense[:, 0] == 1])
-    np.testing.assert_array_equal(sparse[:, 4], dense[:, 4])
-    assert sparse[7, 2] == dense[7, 2]
-    np.testing.assert_array_equal(np.asarray(sparse), dense)
-    np.testing.assert_array_equal(sparse != -1, dense != -1)
-    np.testing.assert_array_equal(sparse.count(1), (dense == 1).sum(1))
-    np.testing.assert_array_equal(sparse.count(-1), (dense == -1).sum(1))
-    np.testing.assert_array_equal(np.asarray(sparse.take(rows)), dense[rows])
-    class_ptr, col_rows, values = sparse.by_class()
-    for c in range(7):
-        known = np.flatnonzero(dense[:, c] != -1)
-        np.testing.assert_array_equal(col_rows[class_ptr[c]:class_ptr[c + 1]], known)
-        np.testing.assert_array_equal(values[class_ptr[c]:class_ptr[c + 1]], dense[known, c])
-    with pytest.raises(IndexError):
-        sparse[40]
 
 
 def test_sparse_labelset_round_trip_is_memory_mapped(tmp_path):
@@ -148,7 +122,7 @@ def test_auto_storage_is_dense_for_small_and_sparse_for_large(tmp_path, monkeypa
     ls = LabelSet([f"c{i}" for i in range(50)], [f"{i}.jpg" for i in range(400)], random_targets(400, 50, 0.05))
     ls.save(tmp_path / "small")
     assert not LabelSet.load(tmp_path / "small").sparse
-    monkeypatch.setattr(labelset, "SPARSE_ABOVE_BYTES", 100)
+    monkeypatch.setattr(targets, "SPARSE_ABOVE_BYTES", 100)
     ls.save(tmp_path / "large")
     assert LabelSet.load(tmp_path / "large").sparse
     mostly_known = LabelSet(ls.classes, ls.image_paths, random_targets(400, 50, 0.9))
@@ -165,27 +139,6 @@ def test_image_dataset_materialises_dense_rows_from_sparse():
     _, target, index, error = data[5]  # the image does not exist: the row still comes back, with the error
     assert error and index == 5 and target.dtype == torch.int8
     np.testing.assert_array_equal(target.numpy(), dense[5])
-
-
-@pytest.mark.parametrize(
-    "parts, message",
-    [
-        ((np.array([0, 2], np.int64), np.array([0, 9], np.int32), np.array([1, 0], np.int8)), "class ids"),
-        ((np.array([0, 1], np.int64), np.array([0], np.int32), np.array([-1], np.int8)), "only 1"),
-        ((np.array([0, 3], np.int64), np.array([0], np.int32), np.array([1], np.int8)), "end at nnz"),
-        ((np.array([0, 1], np.int32), np.array([0], np.int32), np.array([1], np.int8)), "indptr must be 1-D int64"),
-    ],
-)
-def test_sparse_validation(parts, message):
-    with pytest.raises(LabelSetError, match=message):
-        SparseTargets(*parts, num_classes=3)
-
-
-def test_densifying_a_huge_sparse_matrix_is_refused():
-    huge = SparseTargets(np.zeros(1_000_001, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int8), 9605)
-    assert huge[123].shape == (9605,) and (huge[123] == -1).all()
-    with pytest.raises(LabelSetError, match="read rows"):
-        np.asarray(huge)
 
 
 def test_atomic_npy_memmap_leaves_nothing_on_error(tmp_path):

@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from mlic.data.images import ImageDataset, build_transform, collate
-from mlic.data.labelset import LabelSet, SparseTargets
+from mlic.data.labelset import LabelSet
 from mlic.data.shards import (
     ShardDataset,
     ShardError,
@@ -26,6 +26,7 @@ from mlic.data.shards import (
     prepare_shards,
     write_shards,
 )
+from mlic.data.targets import SparseTargets
 
 SIZE = 64
 N, K = 12, 5

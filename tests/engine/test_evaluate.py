@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import pytest
 
-from mlic.data.labelset import SparseTargets
+from mlic.data.targets import SparseTargets
 from mlic.engine.evaluate import DivergedError, evaluate_scores, fit_thresholds
 from mlic.engine.report import finite_or_none, metrics_json, metrics_jsonl, write_metrics_json
 from mlic.metrics import best_thresholds, metrics_table

@@ -210,8 +210,9 @@ def test_linear_mode_keeps_sparse_targets_sparse_end_to_end(tiny_digits, tmp_pat
     """--mode linear on sparse train / val / test labels: batches read their rows, validation and test score
     the known entries; anything that asks for a whole dense matrix fails the test."""
     from mlic.config import ModelConfig
-    from mlic.data.labelset import LabelSet, SparseTargets
+    from mlic.data.labelset import LabelSet
     from mlic.data.splits import Splits
+    from mlic.data.targets import SparseTargets
     from mlic.engine.job import TrainJob
     from mlic.engine.run import run
 

@@ -1,4 +1,4 @@
-"""Fine-tuning (``mlic.engine.loop.fit`` through ``mlic.engine.run.run``): results, hooks, resume, errors."""
+"""Fine-tuning (``mlic.engine.loop.drive`` with ImageSteps, through ``mlic.engine.run.run``): results, resume."""
 
 import json
 
@@ -11,8 +11,8 @@ from mlic.data.splits import Splits
 from mlic.engine.checkpoint import load_model
 from mlic.engine.evaluate import evaluate_scores, score_labelset
 from mlic.engine.job import TrainJob
-from mlic.engine.loop import TrainingError, fit
-from mlic.engine.run import run
+from mlic.engine.loop import TrainingError
+from mlic.engine.run import fit, run
 from mlic.losses import LOSSES
 from mlic.optim import EMA
 
@@ -67,7 +67,8 @@ def test_trains_checkpoints_and_evaluates(tiny_digits, tmp_path):
 
 
 def test_sparse_partial_val_and_test_are_scored_over_known_entries(tiny_digits, tmp_path):
-    from mlic.data.labelset import LabelSet, SparseTargets
+    from mlic.data.labelset import LabelSet
+    from mlic.data.targets import SparseTargets
     from mlic.engine.evaluate import fit_thresholds
 
     class Refusing(SparseTargets):  # row reads (targets[i]) and columns only: densifying fails the test
@@ -106,7 +107,8 @@ def test_sparse_partial_val_and_test_are_scored_over_known_entries(tiny_digits, 
 
 
 def test_sparse_training_labels_stay_sparse(tiny_digits, tmp_path, monkeypatch):
-    from mlic.data.labelset import LabelSet, SparseTargets
+    from mlic.data.labelset import LabelSet
+    from mlic.data.targets import SparseTargets
 
     class NoWhole(SparseTargets):  # batches may read their rows; reading the whole matrix fails the test
         def __array__(self, dtype=None, copy=None):

@@ -16,15 +16,11 @@ from mlic.cli import app
 from mlic.config import ModelConfig
 from mlic.engine.checkpoint import load_model
 from mlic.models.classifier import build_model
-from mlic.models.official import (
-    COCO_CLASSES,
-    OfficialCheckpointError,
-    check_against_model,
-    load_ml_decoder,
-    map_ml_decoder_state_dict,
-)
+from mlic.models.official import COCO_CLASSES, OfficialCheckpointError, load_ml_decoder
+from mlic.models.official.ml_decoder import map_ml_decoder_state_dict
+from mlic.models.official.release_file import check_against_model
 
-KEY_LISTS = Path(__file__).resolve().parents[2] / ".." / "shared" / "reference" / "ml_decoder_keys"
+KEY_LISTS = Path(__file__).resolve().parents[3] / ".." / "shared" / "reference" / "ml_decoder_keys"
 KEY_FILES = sorted(KEY_LISTS.glob("*.txt")) if KEY_LISTS.is_dir() else []
 BACKBONE = {"tresnet_m": "tresnet_m", "tresnet_l": "tresnet_v2_l", "tresnet_xl": "tresnet_v2_xl"}
 

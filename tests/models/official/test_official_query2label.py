@@ -19,20 +19,18 @@ from mlic.engine.checkpoint import convert_query2label, load_model
 from mlic.models.backbones import build_backbone
 from mlic.models.classifier import build_model
 from mlic.models.heads import sine_position_encoding
-from mlic.models.official import (
+from mlic.models.official import COCO_CLASSES, OfficialCheckpointError, load_query2label
+from mlic.models.official.query2label import (
     BACKBONES,
-    COCO_CLASSES,
     PE_KEY,
-    OfficialCheckpointError,
-    check_against_model,
-    inplace_abn_to_batchnorm,
-    load_query2label,
     map_backbone_key,
     map_official_state_dict,
     model_config_from_official,
 )
+from mlic.models.official.release_file import check_against_model
+from mlic.models.official.tresnet import tresnet_checkpoint_filter
 
-SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
+SHARED = Path(__file__).resolve().parents[3] / ".." / "shared"
 FIXTURE = SHARED / "fixtures" / "q2l_official_r101.pt"
 KEY_LISTS = SHARED / "reference" / "q2l_keys"
 TRESNET_FIXTURE = SHARED / "fixtures" / "q2l_tresnet_official.pt"
@@ -281,7 +279,7 @@ def test_config_translation():
         model_config_from_official({"backbone": "resnet101", "num_class": 80, "img_size": 448})
 
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES = Path(__file__).resolve().parents[3] / "recipes"
 
 
 @pytest.mark.parametrize("name,key_list", [("q2l_r101_448", "keys_r101_448.txt"), ("q2l_r101_576", "keys_r101_576.txt"),
@@ -341,8 +339,10 @@ def test_tresnet_inplace_abn_weights_match_official_stages(tresnet_fixture, case
     prefixes = tuple(f"backbone.0.body.body.{s}." for s in stages)
     official = rules["make_state_dict"]([(k, s) for k, s in meta["keys"][case] if k.startswith(prefixes)], 0)
     assert any((v < 0).any() for k, v in official.items() if k.endswith(".1.weight"))  # InPlaceABN signs
-    renamed = {map_backbone_key(k, "tresnet"): v for k, v in official.items()}
-    converted = inplace_abn_to_batchnorm(dict(renamed), "backbone.")
+    converted = tresnet_checkpoint_filter({map_backbone_key(k, "tresnet"): v for k, v in official.items()},
+                                          "backbone.body.")
+    assert len(converted) == len(official)  # these inplace_abn 1.1 files have their counters
+    renamed = dict(zip(converted, official.values()))  # the filter keeps the order: renames without |w| + eps
     config = model_config_from_official(meta["cases"][case]["config"])
     backbone = build_backbone(config.backbone).double().eval()
     x = rules["make_input"](**{k: meta["inputs"][case][k] for k in ("batch", "size", "seed")}).double()

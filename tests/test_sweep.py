@@ -1,0 +1,236 @@
+"""``mlic sweep``: a real tiny grid on local Ray, the selection rule, resume, the shared feature cache, refusals."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import threading
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from mlic.cli import app
+from mlic.sweep import SweepError, parse_sweep, prepare_data, run_trial, select, trials
+
+runner = CliRunner()
+TINY = {"digits_size": "64,32,32", "img_size": 32, "workers": 0, "threads": 1}
+
+
+@pytest.fixture
+def backbone(tmp_path):
+    """A digitnet backbone weight file (the sweep shares features only between runs of given weights)."""
+    from safetensors.torch import save_file
+
+    from mlic.config import ModelConfig
+    from mlic.models.classifier import build_model
+
+    path = tmp_path / "backbone.safetensors"
+    model = build_model(ModelConfig(num_classes=10, img_size=32))
+    save_file({k: v.contiguous() for k, v in model.backbone.state_dict().items()}, str(path))
+    return path
+
+
+def sweep_file(tmp_path, backbone, **changes) -> str:
+    spec = {"base": {"mode": "linear", "observe": "single-positive", "epochs": 2, "pretrained": str(backbone),
+                     **{k: v for k, v in TINY.items() if k != "threads"}},
+            "grid": {"loss": ["an", "role"], "lr": [1.0e-3, 1.0e-2], "seed": [0, 1]},
+            "select": {"metric": "val_mAP", "over": ["lr"], "mean_over": "seed"},
+            "report": "test_mAP", "resources": {"cpus": 1, "gpus": 0}, "max_concurrent": 2}
+    spec.update(changes)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def by_hand(rows: list[dict]) -> dict[str, tuple[str, float, float, int]]:
+    """Cole et al.'s rule from results.jsonl: per loss, the lr with the best val mAP averaged over seeds."""
+    out = {}
+    for loss in ("an", "role"):
+        mine = [r for r in rows if r["options"]["loss"] == loss]
+        lrs = sorted({r["options"]["lr"] for r in mine})
+        best = max(lrs, key=lambda lr: np.mean([r["val_mAP"] for r in mine if r["options"]["lr"] == lr]))
+        tests = [r["test_mAP"] for r in mine if r["options"]["lr"] == best]
+        out[loss] = (best, float(np.mean(tests)), float(np.std(tests, ddof=1)), len(tests))
+    return out
+
+
+def test_tiny_sweep_end_to_end_on_local_ray(tmp_path, backbone):
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "sweep"
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        result = runner.invoke(app, ["sweep", sweep_file(tmp_path, backbone), "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+        assert len(rows) == 8
+        for row in rows:
+            for key in ("options", "val_mAP", "test_mAP", "best_epoch", "run_dir", "seconds", "host"):
+                assert row[key] is not None, key
+            assert row["options"]["mode"] == "linear" and row["options"]["epochs"] == 2
+            assert row["val_mAP"] == pytest.approx(max(row["val_mAP_per_epoch"]))
+            run_dir = out / "trials" / row["trial"]
+            assert row["run_dir"] == str(run_dir) and (run_dir / "model.safetensors").exists()
+            assert row["test_mAP"] == json.loads((run_dir / "test_metrics.json").read_text())["mAP"]
+            assert list(run_dir.glob("events.out.tfevents.*"))  # every trial logs its curves
+            assert not (run_dir / "features").exists()
+        # one shared feature cache, extracted once for all eight trials
+        caches = list((out / "features").iterdir())
+        assert len(caches) == 1 and sorted(p.name for p in caches[0].glob("*.npy")) == ["test.npy", "train.npy",
+                                                                                         "val.npy"]
+        # the table: the rule computed by hand from results.jsonl, numbers from the trials' test_metrics.json
+        with open(out / "table.csv") as f:
+            table = list(csv.DictReader(f))
+        expected = by_hand(rows)
+        assert [t["loss"] for t in table] == ["an", "role"]
+        for entry in table:
+            lr, mean, std, n = expected[entry["loss"]]
+            assert float(entry["lr"]) == lr
+            assert float(entry["test_mAP_mean"]) == pytest.approx(mean, abs=1e-9)
+            assert float(entry["test_mAP_std"]) == pytest.approx(std, abs=1e-9)
+            assert int(entry["n"]) == n == 2
+            own = [json.loads((out / "trials" / name / "test_metrics.json").read_text())["mAP"]
+                   for name in entry["trials"].split(";")]
+            assert float(entry["test_mAP_mean"]) == pytest.approx(np.mean(own), abs=1e-9)
+        assert (out / "table.md").exists() and (out / "val_mAP.png").stat().st_size > 0
+        assert "an" in result.output and "±" in result.output
+
+        # --resume after finishing reruns nothing
+        stamps = {p: p.stat().st_mtime_ns for p in out.glob("trials/*/model.safetensors")}
+        logs = {p: p.read_text() for p in out.glob("logs/*.log")}
+        again = runner.invoke(app, ["sweep", "--out", str(out), "--resume"])
+        assert again.exit_code == 0, again.output
+        assert {p: p.stat().st_mtime_ns for p in out.glob("trials/*/model.safetensors")} == stamps
+        assert {p: p.read_text() for p in out.glob("logs/*.log")} == logs
+        assert len((out / "results.jsonl").read_text().splitlines()) == 8
+    finally:
+        ray.shutdown()
+    # --report: the table again, without Ray
+    (out / "table.csv").unlink()
+    report = runner.invoke(app, ["sweep", "--out", str(out), "--report"])
+    assert report.exit_code == 0, report.output
+    assert (out / "table.csv").exists() and "role" in report.output
+
+
+def test_killed_trial_resumes_from_last_pt(tmp_path):
+    """A fine-tuning trial killed after epoch 1 is run again by Ray: it continues from its own last.pt."""
+    import mlic
+
+    spec = parse_sweep({"base": {"epochs": 2, **TINY}, "grid": {"seed": [0]}})
+    trial = trials(spec, tmp_path)[0]
+    out = tmp_path / "sweep"
+    run_dir = out / "trials" / trial["name"]
+
+    def killed(line, *_, **__):
+        if line.startswith("epoch   1/2"):
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        mlic.train(**trial["options"], out=run_dir, log=killed, quiet=True)
+    from mlic.outputs import unlock_folder
+
+    unlock_folder(run_dir)
+    assert (run_dir / "last.pt").exists() and not (run_dir / "trial.json").exists()
+    row = run_trial(trial, out)
+    log = (out / "logs" / f"{trial['name']}.log").read_text()
+    assert "resume from last.pt" in log and "resumed from" in log and "after epoch 1" in log
+    assert len(row["val_mAP_per_epoch"]) == 2
+    assert (run_dir / "trial.json").exists()
+    assert run_trial(trial, out) == row  # finished: not run again
+
+
+def test_shared_feature_cache_is_extracted_once(tmp_path, backbone, monkeypatch):
+    """Two linear trials at once on one cache folder: one extracts, the other waits and reads."""
+    import mlic.data.features as features
+
+    calls = []
+    real = features.make_loader
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(features, "make_loader", counting)
+    spec = parse_sweep({"base": {"mode": "linear", "epochs": 1, "pretrained": str(backbone), **TINY},
+                        "grid": {"seed": [0, 1]}})
+    out = tmp_path / "sweep"
+    prepare_data(trials(spec, tmp_path), log=lambda *a: None)  # as the sweep does before any trial
+    rows, errors = [], []
+
+    def one(trial):
+        try:
+            rows.append(run_trial(trial, out))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(t,)) for t in trials(spec, tmp_path)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(rows) == 2
+    assert len(calls) == 3  # train, val and test extracted once in all
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"grids": {}}, "unknown key(s) grids"),
+    ({"base": {"mode": "linear", "learning_rate": 0.1}}, "base: unknown mlic.train keyword(s) learning_rate"),
+    ({"grid": {"loss": ["an"], "lrr": [0.1]}}, "grid.lrr: unknown mlic.train keyword lrr"),
+    ({"grid": {"loss": [{"loss": "ll_r", "loss_argz": {}}]}}, "unknown mlic.train keyword(s) loss_argz"),
+    ({"select": {"over": ["batch_size"]}}, "select.over: batch_size is not a grid axis"),
+    ({"select": {"over": ["lr"], "mean_over": "epochs"}}, "select.mean_over: epochs is not a grid axis"),
+    ({"base": {"out": "x"}}, "out is set by mlic sweep"),
+    ({"report": "test_F1"}, "report: 'test_F1'"),
+])
+def test_bad_sweep_files_are_one_line(tmp_path, backbone, change, message):
+    path = sweep_file(tmp_path, backbone, **change)
+    result = runner.invoke(app, ["sweep", path, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+    with pytest.raises(SweepError, match="sweep.yaml"):
+        parse_sweep(yaml.safe_load(open(path)), path)
+
+
+def test_no_ray_says_how_to_install(tmp_path, backbone, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    result = runner.invoke(app, ["sweep", sweep_file(tmp_path, backbone), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert result.output.strip() == "error: mlic sweep runs on Ray Tune, which is not installed: pip install -e " \
+                                    "'.[sweep]'"
+
+
+def test_option_dict_axis_and_exclude(tmp_path):
+    spec = parse_sweep({"base": {"mode": "linear"},
+                        "grid": {"mode": [{"mode": "linear", "label": "linear"}, {"mode": "finetune", "epochs": 6}],
+                                 "loss": ["an", {"loss": "ll_r", "loss_args": {"delta_rel": 3}},
+                                          {"loss": "ll_r", "head": "boostlu", "label": "ll_r + boostlu"}]},
+                        "exclude": [{"mode": "linear", "head": "boostlu"}]})
+    got = trials(spec, tmp_path)
+    assert [t["axes"] for t in got] == [
+        {"mode": "linear", "loss": "an"}, {"mode": "linear", "loss": "ll_r (delta_rel=3)"},
+        {"mode": "finetune (epochs=6)", "loss": "an"}, {"mode": "finetune (epochs=6)", "loss": "ll_r (delta_rel=3)"},
+        {"mode": "finetune (epochs=6)", "loss": "ll_r + boostlu"}]
+    assert got[3]["options"] == {"mode": "finetune", "epochs": 6, "loss": "ll_r", "loss_args": {"delta_rel": 3}}
+    rows = [{"trial": t["name"], "axes": t["axes"], "val_mAP": 1.0, "test_mAP": 2.0} for t in got]
+    assert [e["loss"] for e in select(spec, rows)] == ["an", "ll_r (delta_rel=3)", "an", "ll_r (delta_rel=3)",
+                                                        "ll_r + boostlu"]
+
+
+def test_sweep_folder_refusals_are_one_line(tmp_path, backbone, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # every refusal comes before Ray is needed
+    out = tmp_path / "out"
+    cases = [(["sweep", "--out", str(out)], "give a sweep file"),
+             (["sweep", "--out", str(out), "--resume"], "no sweep.yaml there"),
+             (["sweep", "--out", str(out), "--report"], "no sweep.yaml there")]
+    for args, message in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and message in result.output, result.output
+    out.mkdir()
+    (out / "sweep.yaml").write_text("grid: {seed: [0]}\n")
+    result = runner.invoke(app, ["sweep", sweep_file(tmp_path, backbone), "--out", str(out)])
+    assert result.exit_code == 2 and "holds another sweep" in result.output and "--resume" in result.output
+    result = runner.invoke(app, ["sweep", "--out", str(out), "--report"])
+    assert result.exit_code == 2 and "no results.jsonl yet" in result.output
