@@ -7,9 +7,9 @@ differ only in where fine-tuning starts:
 - linear-init (``mlic train --mode linear-init``): first a linear probe on cached features (ROLE, Cole's
   batch 16, lr 1e-3, 25 epochs), then fine-tuning from its head AND its estimated labels.
 
-The backbone is pretrained with full labels on a separate MultiDigits draw (``mlic.sweep.digits_backbone``,
-as ``recipes/sweeps/spl_multidigits.yaml`` uses it: new images from the train scans only, standing in for ImageNet). Prints test mAP per seed, the
-means and the difference.
+The backbone is pretrained with full labels on a separate MultiDigits draw (``mlic.sweep.digits_backbone``, as
+``recipes/sweeps/spl_multidigits.yaml`` uses it: new images from the train scans only, standing in for ImageNet).
+Prints test mAP per seed, the means and the difference.
 
     python bench/linear_init.py [--seeds 2] [--finetune-epochs 6] [--out runs/linear_init]
 """

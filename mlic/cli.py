@@ -721,7 +721,7 @@ def convert_q2l(
                                                       "80 categories when num_class is 80).")] = None,
 ) -> None:
     """Convert an authors' Query2Label checkpoint into an mlic model folder (safetensors), strictly checked."""
-    from mlic.engine.checkpoint import convert_query2label
+    from mlic.engine.convert import convert_query2label
 
     names = read_class_names(classes) if classes else None
     out = convert_query2label(folder, output, names)
@@ -739,7 +739,7 @@ def convert_ml_decoder(
                                                       "TResNet-L COCO).")] = None,
 ) -> None:
     """Convert an authors' ML-Decoder checkpoint into an mlic model folder (safetensors), strictly checked."""
-    from mlic.engine.checkpoint import convert_ml_decoder as run_convert
+    from mlic.engine.convert import convert_ml_decoder as run_convert
 
     names = read_class_names(classes) if classes else None
     out = run_convert(file, output, names, img_size)
@@ -758,9 +758,15 @@ def sweep(
                                                      "this machine, every core.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the sweep in --out: finished trials are kept, the rest "
                                               "run (a killed trial from its last.pt).")] = False,
+    extend: Annotated[bool, typer.Option(help="Add FILE's new grid values to the sweep in --out and run the new "
+                                              "trials (the trials there must keep their options).")] = False,
     report: Annotated[bool, typer.Option(help="Only write the table again from --out's results.jsonl.")] = False,
 ) -> None:
-    """Run a protocol grid on Ray Tune (a trial is one mlic train) and print the selected table."""
+    """Run a protocol grid on Ray Tune (a trial is one mlic train) and print the selected table.
+
+    One line per finished trial (its axes, val/test mAP, seconds) with the counts done / running / pending and the
+    time left; a trial that fails in its own code is reported once and listed under the table.
+    """
     from mlic import sweep as sweeps
 
     if report:
@@ -768,7 +774,7 @@ def sweep(
         return
     if file is None and not resume:
         raise MlicError("give a sweep file (mlic sweep FILE --out DIR), or --resume / --report for --out's sweep")
-    done = sweeps.run_sweep(out, file, address=address, resume=resume, log=typer.echo)
+    done = sweeps.run_sweep(out, file, address=address, resume=resume, extend=extend, log=typer.echo)
     typer.echo(done.table, nl=False)
     typer.echo(f"outputs: {out}/ (results.jsonl, table.md, table.csv, val_mAP.png, trials/); curves: "
                f"tensorboard --logdir {out}")

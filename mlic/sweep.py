@@ -25,11 +25,15 @@ The output folder::
     trials/NAME/trial.json    its row, written when it finished: a finished trial is never run again
     logs/NAME.log          the trial's lines
     features/KEY/          the feature cache shared by the linear probes of one backbone, data and transform
-    ray/                   Ray Tune's experiment state (``Tuner.restore`` behind ``--resume``)
+    ray/                   Ray Tune's experiment state and per-trial result files
+    trials/NAME/error.json    the error line of a trial that failed in its own code (reported once, not retried)
     results.jsonl          one row per finished trial; table.csv, table.md, val_mAP.png: the selected table
 
-A trial that was killed is retried by Ray (``FailureConfig``) and continues from its own ``last.pt``
-(mlic's exact resume) when it has one; a linear probe reruns from the shared feature cache. On a cluster
+A trial that was killed (its worker or node died) is retried by Ray (``FailureConfig``, ``retries`` times) and
+continues from its own ``last.pt`` (mlic's exact resume) when it has one; a linear probe reruns from the shared
+feature cache. A trial whose own code raises fails the same way every time: it is reported once with its error
+line, the sweep goes on, and the table lists it as failed; ``--resume`` tries it again. ``--extend`` takes a sweep
+file with added grid values into a sweep folder (the trials there must keep their options). On a cluster
 (``--address``), ``--out`` must be a folder every node sees (a shared file system), as the data and weights are.
 """
 
@@ -283,6 +287,8 @@ def trials(sweep: Sweep, cwd: Path | None = None) -> list[dict]:
         if any(all(options.get(k) == v for k, v in entry.items()) for entry in sweep.exclude):
             continue
         out.append({"name": folder_name(axes), "axes": axes, "options": absolute_paths(options, cwd)})
+    if not out:
+        raise SweepError("exclude: leaves no trial of the grid; drop an entry or add grid values")
     names = [t["name"] for t in out]
     if len(set(names)) != len(names):
         raise SweepError("two trials have the same folder name; give the grid's option dicts distinct labels")
@@ -362,15 +368,119 @@ def ray_trial_dirname(trial) -> str:
     return f"{trial.config['trial']['name'][:100]}-{trial.trial_id}"
 
 
+def error_line(error: BaseException) -> str:
+    """The one line that says what went wrong: the exception's last non-empty line, with its type."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1]}" if lines else type(error).__name__
+
+
 def ray_trial(config: dict) -> None:
-    """The Ray Tune function trainable: one :func:`run_trial`, its metrics reported to Tune."""
+    """The Ray Tune function trainable: one :func:`run_trial`, its metrics reported to Tune.
+
+    An exception raised by the trial's own code fails the same way every time (a bad setting, a loss that
+    diverges): it is written to ``trials/NAME/error.json`` and reported once, and the trial ends there instead of
+    being retried. Ray's retries are for trials whose worker or node died.
+    """
     from ray import tune
 
-    row = run_trial(config["trial"], config["out"], config.get("threads"))
+    from mlic.io import atomic_write_bytes
+
+    trial, out = config["trial"], Path(config["out"])
+    failed = out / "trials" / trial["name"] / "error.json"
+    failed.unlink(missing_ok=True)
+    start = time.perf_counter()
+    try:
+        row = run_trial(trial, out, config.get("threads"))
+    except Exception as e:  # noqa: BLE001 - any error of the trial's code is its result
+        failed.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(failed, json.dumps({"trial": trial["name"], "axes": trial["axes"], "error": error_line(e),
+                                               "host": socket.gethostname(),
+                                               "finished": time.strftime("%FT%T")}, indent=1).encode())
+        row = {"failed": 1, "seconds": round(time.perf_counter() - start, 2)}
     report = getattr(tune, "report", None)
     if report is None:  # Ray before the Tune/Train split
         from ray.train import report
-    report({k: row[k] for k in ("val_mAP", "test_mAP", "best_epoch", "seconds") if row.get(k) is not None})
+    report({k: row[k] for k in ("val_mAP", "test_mAP", "best_epoch", "seconds", "failed") if row.get(k) is not None})
+
+
+def failed_trials(out: Path, all_trials: list[dict]) -> dict[str, str]:
+    """Trial name -> its error line, for the trials that failed in their own code (and did not finish since)."""
+    failed = {}
+    for trial in all_trials:
+        folder = out / "trials" / trial["name"]
+        if (folder / "error.json").exists() and not (folder / "trial.json").exists():
+            failed[trial["name"]] = json.loads((folder / "error.json").read_text())["error"]
+    return failed
+
+
+def check_trials(all_trials: list[dict], source: str) -> None:
+    """Refuse, before any trial runs, a loss or head a trial names that does not exist, and arguments it does not
+    take (``loss_args`` / ``head_args``, a recipe's included), as ``mlic train`` would refuse them one by one."""
+    from mlic.config import TrainConfig, read_recipe
+    from mlic.registry import check_arguments, get_head, get_loss
+
+    seen = set()
+    for trial in all_trials:
+        options = trial["options"]
+        sections = read_recipe(options["recipe"]) if options.get("recipe") else {}
+        train, model = sections.get("train") or {}, sections.get("model") or {}
+        loss = str(options.get("loss") or train.get("loss") or TrainConfig.loss).lower().replace("-", "_")
+        loss_args = {**(train.get("loss_args") or {}), **(options.get("loss_args") or {})}
+        head = options.get("head") or model.get("head")
+        head_args = {**(model.get("head_args") or {}), **(options.get("head_args") or {})}
+        key = json.dumps([loss, sorted(loss_args), head, sorted(head_args)], default=str)
+        if key in seen:
+            continue
+        seen.add(key)
+        where = f"{source}: trial " + ", ".join(f"{a}={v}" for a, v in trial["axes"].items())
+        try:
+            check_arguments(get_loss(loss), loss_args, f"loss '{loss}'", "loss_args")
+            if head:
+                check_arguments(get_head(head), head_args, f"head '{head}'", "head_args", skip=2)
+        except MlicError as e:
+            raise SweepError(f"{where}: {e}") from None
+
+
+def progress(total: int, finished: int, log=print):
+    """A Ray Tune callback printing one line per finished trial: its axes, val/test mAP and time, the counts of
+    trials done / running / pending and an estimate of the time left (from this session's pace)."""
+    from ray.tune import Callback
+
+    class Progress(Callback):
+        def __init__(self) -> None:
+            self.done, self.failed, self.started = finished, 0, time.perf_counter()
+            self.this_session = 0
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            config = trial.config["trial"]
+            self.done += 1
+            self.this_session += 1
+            running = sum(t.status == "RUNNING" and t is not trial for t in trials)
+            pending = max(total - self.done - running, 0)
+            axes = ", ".join(f"{a}={v}" for a, v in config["axes"].items())
+            if result.get("failed"):
+                self.failed += 1
+                what = "FAILED (see trials/" + config["name"] + "/error.json)"
+            else:
+                test = result.get("test_mAP")
+                what = f"val mAP {result.get('val_mAP', math.nan):.2f}, test mAP " + \
+                       (f"{test:.2f}" if test is not None else "—")
+            elapsed = time.perf_counter() - self.started
+            left = elapsed / self.this_session * (total - self.done)
+            log(f"[{self.done}/{total} done{f', {self.failed} failed' if self.failed else ''}, {running} running, "
+                f"{pending} pending; about {_duration(left)} left] {axes}: {what}, "
+                f"{result.get('seconds', 0):.0f}s")
+
+    return Progress()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -398,21 +508,68 @@ def prepare_data(all_trials: list[dict], log=print) -> None:
         build_multidigits(spec=spec)
 
 
-def start(out: Path, file: Path | None, resume: bool) -> Sweep:
-    """The sweep of ``out``: ``file`` copied into ``out/sweep.yaml`` (a new sweep), or the one already there."""
+def differences(old: dict, new: dict) -> list[str]:
+    """What changed between two sweep files' mappings, one short item per field or grid axis."""
+    def text(value) -> str:
+        return json.dumps(value, default=str, separators=(",", ":"))
+
+    out = []
+    old_grid, new_grid = old.get("grid") or {}, new.get("grid") or {}
+    for axis in dict.fromkeys([*old_grid, *new_grid]):
+        if axis not in new_grid:
+            out.append(f"grid.{axis} removed")
+        elif axis not in old_grid:
+            out.append(f"grid.{axis} added")
+        else:
+            before = [axis_label(axis, v) for v in old_grid[axis]]
+            after = [axis_label(axis, v) for v in new_grid[axis]]
+            added, removed = [v for v in after if v not in before], [v for v in before if v not in after]
+            changed = [axis_label(axis, v) for v in new_grid[axis] if axis_label(axis, v) in before
+                       and old_grid[axis][before.index(axis_label(axis, v))] != v]
+            out += [f"grid.{axis}: {what} {', '.join(values)}" for what, values in
+                    (("added", added), ("removed", removed), ("changed", changed)) if values]
+            if not (added or removed or changed) and before != after:
+                out.append(f"grid.{axis}: reordered")
+    for key in dict.fromkeys([*old, *new]):
+        if key not in ("grid", "description") and old.get(key) != new.get(key):
+            out.append(f"{key}: {text(old.get(key))} -> {text(new.get(key))}")
+    return out
+
+
+def start(out: Path, file: Path | None, resume: bool, extend: bool = False, log=print) -> Sweep:
+    """The sweep of ``out``: ``file`` copied into ``out/sweep.yaml`` (a new sweep), or the one already there.
+
+    A ``file`` that differs from the one ``out`` holds is refused, naming the differences, unless ``extend`` and
+    the change only adds trials (every trial of the held sweep is in the new one, with the same options).
+    """
     saved = out / "sweep.yaml"
     if file is None:
         if not saved.exists():
             raise SweepError(f"{out}: no sweep.yaml there; start the sweep with: mlic sweep FILE --out {out}")
+        if extend:
+            raise SweepError("--extend: give the sweep file with the added values: mlic sweep FILE --out "
+                             f"{out} --extend")
         return read_sweep(saved)
     sweep = read_sweep(file)
     text = Path(file).read_text()
     if saved.exists() and saved.read_text() != text:
-        if resume:
-            raise SweepError(f"{file}: differs from the sweep {out} holds ({saved}); resume without FILE, or give "
-                             "another --out")
-        raise SweepError(f"{out}: holds another sweep ({saved}); continue it with mlic sweep --out {out} --resume, "
-                         "or choose another --out")
+        held = read_sweep(saved)
+        changes = "; ".join(differences(yaml.safe_load(saved.read_text()), yaml.safe_load(text))) or "its text"
+        old_trials = {t["name"]: t["options"] for t in trials(held)}
+        new_trials = {t["name"]: t["options"] for t in trials(sweep)}
+        only_adds = all(new_trials.get(name) == options for name, options in old_trials.items())
+        if extend and only_adds:
+            log(f"extending the sweep in {out}: {changes} ({len(new_trials) - len(old_trials)} new trials)")
+        elif extend:
+            raise SweepError(f"{file}: --extend only adds trials, but this changes trials {out} holds ({changes}); "
+                             "choose another --out")
+        elif resume:
+            raise SweepError(f"{file}: differs from the sweep {out} holds ({changes}); resume without FILE"
+                             + (", or add the new trials with --extend" if only_adds else ", or give another --out"))
+        else:
+            raise SweepError(f"{out}: holds another sweep ({changes}); continue it with mlic sweep --out {out} "
+                             "--resume" + (", add these trials with --extend" if only_adds else "")
+                             + ", or choose another --out")
     from mlic.io import atomic_write_bytes
 
     out.mkdir(parents=True, exist_ok=True)
@@ -437,7 +594,7 @@ class SweepResult:
 
 
 def run_sweep(out: str | Path, file: str | Path | None = None, address: str | None = None, resume: bool = False,
-              log=print) -> SweepResult:
+              extend: bool = False, log=print) -> SweepResult:
     """Run (or continue) the sweep of ``file`` into ``out`` on Ray Tune; write results and the table.
 
     Args:
@@ -445,55 +602,84 @@ def run_sweep(out: str | Path, file: str | Path | None = None, address: str | No
         file: the sweep file (None: the one ``out`` holds, for ``--resume``).
         address: an existing Ray cluster (``auto`` or ``HOST:PORT``); None starts Ray on this machine (every core),
             unless Ray is already initialised in this process.
-        resume: restore Ray Tune's experiment (``Tuner.restore``); finished trials are kept either way.
+        resume: continue the sweep ``out`` holds; finished trials are kept (and never given to Ray again) either
+            way, the others run (a killed fine-tuning from its last.pt, a failed one anew).
+        extend: take ``file``'s added grid values into the sweep ``out`` holds and run the new trials.
         log: where lines go.
 
     Returns:
         The rows of results.jsonl, the number of trials and the table.
     """
     out = Path(out).resolve()
-    sweep = start(out, Path(file) if file is not None else None, resume)
+    sweep = start(out, Path(file) if file is not None else None, resume, extend, log)
+    all_trials = trials(sweep)
+    check_trials(all_trials, str(file or out / "sweep.yaml"))
     ray = require_ray()
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no TensorBoard files of Ray's: mlic writes
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the output that verbose=0 quiets
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
-    all_trials = trials(sweep)
-    finished = sum((out / "trials" / t["name"] / "trial.json").exists() for t in all_trials)
+    pending = [t for t in all_trials if not (out / "trials" / t["name"] / "trial.json").exists()]
+    finished = len(all_trials) - len(pending)
     log(f"sweep: {len(all_trials)} trials ({finished} finished already) into {out}")
-    prepare_data(all_trials, log)
+    if not pending:
+        rows = write_results(out, sweep, all_trials)
+        return SweepResult(rows, len(all_trials), write_report(out, sweep, rows, {}))
+    prepare_data(pending, log)
     if not ray.is_initialized():
         env = {k: os.environ[k] for k in ("MLIC_CACHE", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE")
                if k in os.environ}
-        ray.init(address=address, include_dashboard=False, runtime_env={"env_vars": env} if env else None,
-                 log_to_driver=False)
+        check_address(address)
+        try:
+            ray.init(address=address, include_dashboard=False, runtime_env={"env_vars": env} if env else None,
+                     log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            if address is None:
+                raise
+            raise SweepError(f"--address {address}: no Ray cluster reachable there ({error_line(e)}); start one "
+                             "with ray start --head, or leave --address out to run on this machine") from None
     elif address is not None:
         log("note: Ray is already initialised in this process; --address is not used")
     run_config_cls = getattr(tune, "RunConfig", None) or ray.train.RunConfig
     failure_cls = getattr(tune, "FailureConfig", None) or ray.train.FailureConfig
     trainable = tune.with_resources(ray_trial, {"cpu": sweep.cpus, "gpu": sweep.gpus})
     threads = max(1, int(sweep.cpus))
-    experiment = out / "ray"
-    if resume and tune.Tuner.can_restore(str(experiment)):
-        log(f"resuming the Ray Tune experiment in {experiment}")
-        tuner = tune.Tuner.restore(str(experiment), trainable, resume_errored=True)
-    else:
-        space = {"trial": tune.grid_search(all_trials), "out": str(out), "threads": threads}
-        tuner = tune.Tuner(trainable, param_space=space,
-                           tune_config=tune.TuneConfig(max_concurrent_trials=sweep.max_concurrent,
-                                                       trial_dirname_creator=ray_trial_dirname),
-                           run_config=run_config_cls(name="ray", storage_path=str(out), verbose=0,
-                                                     failure_config=failure_cls(max_failures=sweep.retries),
-                                                     callbacks=[JsonLoggerCallback(), CSVLoggerCallback()]))
+    # only the unfinished trials go to Ray: a finished one is never run (nor counted) again
+    space = {"trial": tune.grid_search(pending), "out": str(out), "threads": threads}
+    tuner = tune.Tuner(trainable, param_space=space,
+                       tune_config=tune.TuneConfig(max_concurrent_trials=sweep.max_concurrent,
+                                                   trial_dirname_creator=ray_trial_dirname),
+                       run_config=run_config_cls(name="ray", storage_path=str(out), verbose=0,
+                                                 failure_config=failure_cls(max_failures=sweep.retries),
+                                                 callbacks=[JsonLoggerCallback(), CSVLoggerCallback(),
+                                                            progress(len(all_trials), finished, log)]))
     grid = tuner.fit()
     rows = write_results(out, sweep, all_trials)
-    failed = len(all_trials) - len(rows)
-    if grid.errors or failed:
-        first = str(grid.errors[0]).strip().splitlines()[-1] if grid.errors else "see logs/"
-        log(f"{failed} of {len(all_trials)} trials did not finish (e.g. {first}); their lines are in {out / 'logs'}; "
-            f"continue with: mlic sweep --out {out} --resume")
-    return SweepResult(rows, len(all_trials), write_report(out, sweep, rows))
+    failed = failed_trials(out, all_trials)
+    for name, line in failed.items():
+        log(f"failed: {name}: {line} (its lines: {out / 'logs' / (name + '.log')})")
+    missing = len(all_trials) - len(rows) - len(failed)
+    if grid.errors or missing:
+        first = error_line(grid.errors[0]) if grid.errors else "see logs/"
+        log(f"{missing} of {len(all_trials)} trials did not finish after {sweep.retries} retries (e.g. {first}); "
+            f"their lines are in {out / 'logs'}; continue with: mlic sweep --out {out} --resume")
+    return SweepResult(rows, len(all_trials), write_report(out, sweep, rows, failed))
+
+
+def check_address(address: str | None, timeout: float = 5.0) -> None:
+    """Refuse, in one line and within ``timeout`` seconds, a ``HOST:PORT`` where nothing listens (``ray.init`` would
+    wait minutes); ``auto`` and None are left to Ray."""
+    if address is None or address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise SweepError(f"--address {address}: give auto or HOST:PORT (the head's GCS port, 6379 by default)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise SweepError(f"--address {address}: no Ray cluster reachable there ({e.strerror or e}); start one with "
+                         "ray start --head --port PORT, or leave --address out to run on this machine") from None
 
 
 def write_results(out: Path, sweep: Sweep, all_trials: list[dict] | None = None) -> list[dict]:
@@ -641,8 +827,15 @@ def plot_curves(sweep: Sweep, table: list[dict], rows: list[dict], path: Path) -
     plt.close(fig)
 
 
-def write_report(out: str | Path, sweep: Sweep | None = None, rows: list[dict] | None = None) -> str:
-    """table.csv, table.md and val_mAP.png from results.jsonl (``mlic sweep --report``); returns table.md."""
+def write_report(out: str | Path, sweep: Sweep | None = None, rows: list[dict] | None = None,
+                 failed: dict[str, str] | None = None) -> str:
+    """table.csv, table.md and val_mAP.png from results.jsonl (``mlic sweep --report``); returns table.md.
+
+    ``failed`` (trial name -> error line; read from the trials' error.json when None) is listed under the table.
+
+    Raises:
+        SweepError: finished trials, but none reports the selection metric or the reported value.
+    """
     from mlic.io import atomic_write_bytes
 
     out = Path(out)
@@ -652,12 +845,22 @@ def write_report(out: str | Path, sweep: Sweep | None = None, rows: list[dict] |
         if not results.exists():
             raise SweepError(f"{out}: no results.jsonl yet; run the sweep first: mlic sweep FILE --out {out}")
         rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    if failed is None:
+        failed = failed_trials(out, trials(sweep))
+    for key, name in ((sweep.metric, "select.metric"), (sweep.report, "report")):
+        if rows and all(r.get(key) is None for r in rows):
+            raise SweepError(f"{out / 'sweep.yaml'}: {name}: no finished trial reports {key} (e.g. no test split "
+                             f"in the data); choose {' or '.join(m for m in METRICS if m != key)}, then mlic sweep "
+                             f"--out {out} --report (the {len(rows)} finished trials are kept in results.jsonl)")
     table = select(sweep, rows)
     markdown = table_markdown(sweep, table)
     note = (f"\n{len(rows)} trials; per row the setting of {', '.join(sweep.over) or '(nothing)'} with the best "
             f"{sweep.metric}" + (f" averaged over {sweep.mean_over}" if sweep.mean_over else "") +
             f"; {sweep.report} mean ± std" + (f" over {sweep.mean_over}" if sweep.mean_over else "") +
             ". Made by `mlic sweep`.\n")
+    if failed:
+        note += f"\nFailed ({len(failed)}; not in the table, rerun with --resume):\n" + "".join(
+            f"- {name}: {line}\n" for name, line in failed.items())
     atomic_write_bytes(out / "table.csv", table_csv(sweep, table).encode())
     atomic_write_bytes(out / "table.md", (markdown + note).encode())
     if rows:

@@ -183,3 +183,18 @@ def test_load_torch_weights_refuses_objects_and_other_files(tmp_path, capsys):
     (tmp_path / "cut.pt").write_bytes((tmp_path / "evil.pt").read_bytes()[:40])  # a truncated zip
     with pytest.raises(UnsafeFileError, match="cut.pt: not a"):
         load_torch_weights(tmp_path / "cut.pt")
+
+
+def test_a_failed_write_names_its_file(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from mlic.io import atomic_write_bytes
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as err:
+        atomic_write_bytes(tmp_path / "model.json", b"{}")
+    assert err.value.filename == str(tmp_path / "model.json") and not list(tmp_path.iterdir())

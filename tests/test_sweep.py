@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 import threading
 
@@ -13,7 +14,7 @@ import yaml
 from typer.testing import CliRunner
 
 from mlic.cli import app
-from mlic.sweep import SweepError, parse_sweep, prepare_data, run_trial, select, trials
+from mlic.sweep import SweepError, parse_sweep, prepare_data, run_trial, select, start, trials, write_report
 
 runner = CliRunner()
 TINY = {"digits_size": "64,32,32", "img_size": 32, "workers": 0, "threads": 1}
@@ -97,6 +98,11 @@ def test_tiny_sweep_end_to_end_on_local_ray(tmp_path, backbone):
             assert float(entry["test_mAP_mean"]) == pytest.approx(np.mean(own), abs=1e-9)
         assert (out / "table.md").exists() and (out / "val_mAP.png").stat().st_size > 0
         assert "an" in result.output and "±" in result.output
+        # one progress line per finished trial: axes, val/test mAP, seconds, counts and the time left
+        lines = re.findall(r"^\[(\d)/8 done, (\d) running, (\d) pending; about \S+ left\] loss=(an|role), "
+                           r"lr=0\.0\d+, seed=\d: val mAP \d+\.\d\d, test mAP \d+\.\d\d, \d+s$", result.output, re.M)
+        assert [int(done) for done, *_ in lines] == list(range(1, 9)), result.output
+        assert all(int(d) + int(r) + int(p) <= 8 and int(r) <= 1 for d, r, p, _ in lines)
 
         # --resume after finishing reruns nothing
         stamps = {p: p.stat().st_mtime_ns for p in out.glob("trials/*/model.safetensors")}
@@ -106,6 +112,17 @@ def test_tiny_sweep_end_to_end_on_local_ray(tmp_path, backbone):
         assert {p: p.stat().st_mtime_ns for p in out.glob("trials/*/model.safetensors")} == stamps
         assert {p: p.read_text() for p in out.glob("logs/*.log")} == logs
         assert len((out / "results.jsonl").read_text().splitlines()) == 8
+
+        # --extend: a third seed adds four trials; the eight finished ones are not run again
+        extended = sweep_file(tmp_path, backbone, grid={"loss": ["an", "role"], "lr": [1.0e-3, 1.0e-2],
+                                                        "seed": [0, 1, 2]})
+        more = runner.invoke(app, ["sweep", extended, "--out", str(out), "--extend"])
+        assert more.exit_code == 0, more.output
+        assert "grid.seed: added 2 (4 new trials)" in more.output and "[12/12 done" in more.output
+        assert len(re.findall(r"^\[\d+/12 done", more.output, re.M)) == 4
+        assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+        assert len((out / "results.jsonl").read_text().splitlines()) == 12
+        assert all(int(e["n"]) == 3 for e in csv.DictReader(open(out / "table.csv")))
     finally:
         ray.shutdown()
     # --report: the table again, without Ray
@@ -234,3 +251,82 @@ def test_sweep_folder_refusals_are_one_line(tmp_path, backbone, monkeypatch):
     assert result.exit_code == 2 and "holds another sweep" in result.output and "--resume" in result.output
     result = runner.invoke(app, ["sweep", "--out", str(out), "--report"])
     assert result.exit_code == 2 and "no results.jsonl yet" in result.output
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"grid": {"loss": [{"loss": "ll_r", "loss_args": {"delta": 3}}]}},
+     "trial loss=ll_r (delta=3): loss_args delta: not a setting of loss 'll_r'; valid keys: delta_rel"),
+    ({"grid": {"loss": ["an", "no_such_loss"]}}, "trial loss=no_such_loss: unknown loss 'no_such_loss'"),
+    ({"grid": {"head": [{"head": "boostlu", "head_args": {"alfa": 5}}]}},
+     "head_args alfa: not a setting of head 'boostlu'; valid keys: alpha"),
+    ({"grid": {"seed": [0]}, "exclude": [{"mode": "linear"}]}, "exclude: leaves no trial of the grid"),
+])
+def test_bad_trials_are_refused_before_any_runs(tmp_path, backbone, monkeypatch, change, message):
+    monkeypatch.setitem(sys.modules, "ray", None)  # refused before Ray (or any trial) is needed
+    path = sweep_file(tmp_path, backbone, select={"over": []}, **change)
+    result = runner.invoke(app, ["sweep", path, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / "trials").exists()
+
+
+def test_changed_grid_names_the_differences(tmp_path, backbone, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    out = tmp_path / "out"
+    start(out, sweep_file(tmp_path, backbone), False)  # the sweep out holds
+    added = sweep_file(tmp_path, backbone, grid={"loss": ["an", "role"], "lr": [1.0e-3, 1.0e-2, 1.0e-4],
+                                                 "seed": [0, 1]})
+    result = runner.invoke(app, ["sweep", added, "--out", str(out), "--resume"])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "differs from the sweep" in result.output and "grid.lr: added 0.0001" in result.output
+    assert "add the new trials with --extend" in result.output
+    changed = sweep_file(tmp_path, backbone, grid={"loss": ["an", "wan"], "lr": [1.0e-3, 1.0e-2], "seed": [0, 1]},
+                         max_concurrent=1)
+    result = runner.invoke(app, ["sweep", changed, "--out", str(out), "--extend"])
+    assert result.exit_code == 2, result.output
+    assert "--extend only adds trials" in result.output and "grid.loss: added wan; grid.loss: removed role" in \
+        result.output and "max_concurrent: 2 -> 1" in result.output
+    assert len(trials(start(out, added, False, extend=True, log=lambda *a: None))) == 12
+    assert (out / "sweep.yaml").read_text() == open(added).read()
+
+
+def test_unreachable_address_is_one_line(tmp_path, backbone):
+    ray = pytest.importorskip("ray")
+    assert not ray.is_initialized()
+    result = runner.invoke(app, ["sweep", sweep_file(tmp_path, backbone), "--out", str(tmp_path / "out"),
+                                 "--address", "127.0.0.1:1"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1].startswith("error: --address 127.0.0.1:1: no Ray cluster reachable")
+    assert not ray.is_initialized()
+
+
+def test_metric_no_trial_reports_is_one_line(tmp_path):
+    spec = parse_sweep({"grid": {"seed": [0, 1]}, "select": {"mean_over": "seed"}})
+    rows = [{"trial": t["name"], "axes": t["axes"], "val_mAP": 50.0, "test_mAP": None} for t in trials(spec)]
+    with pytest.raises(SweepError, match="report: no finished trial reports test_mAP .*choose val_mAP"):
+        write_report(tmp_path, spec, rows, {})
+
+
+def test_failing_trial_is_reported_once_and_the_sweep_goes_on(tmp_path, backbone):
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "sweep"
+    broken = {"seed": 1, "data": str(tmp_path / "no_such_data"), "label": "broken"}
+    path = sweep_file(tmp_path, backbone, grid={"seed": [0, broken]}, select={"over": []},
+                      base={"mode": "linear", "epochs": 1, "pretrained": str(backbone), "img_size": 32, "workers": 0})
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        result = runner.invoke(app, ["sweep", path, "--out", str(out)])
+    finally:
+        ray.shutdown()
+    assert result.exit_code == 1, result.output  # the table is printed, the failure makes the exit code
+    assert len(re.findall(r"^\[\d/2 done.*seed=broken: FAILED", result.output, re.M)) == 1, result.output
+    assert "[2/2 done, 1 failed, 0 running, 0 pending" in result.output
+    error = json.loads((out / "trials" / "seed=broken" / "error.json").read_text())["error"]
+    assert "no_such_data" in error and len(error.splitlines()) == 1
+    assert f"failed: seed=broken: {error}" in result.output
+    # not retried: the trial started once
+    assert (out / "logs" / "seed=broken.log").read_text().count("--- ") == 1
+    assert len((out / "results.jsonl").read_text().splitlines()) == 1
+    table = (out / "table.md").read_text()
+    assert "Failed (1; not in the table, rerun with --resume)" in table and f"- seed=broken: {error}" in table

@@ -365,3 +365,26 @@ def pseudo_label_data(data: str | Path, teacher: str | Path, out: str | Path, ru
                 meta["recall_per_class"] = [None if np.isnan(v) else float(v) for v in quality["recall"]]
             atomic_write_bytes(folder / "pseudo_labels.json", json.dumps(meta, indent=1).encode())
     return report
+
+
+def check_teacher_options(loss: str, loss_args: dict | None, teacher, teacher_cache: bool, data, mode: str) -> None:
+    """Refuse, before any work (make_job, before the run folder is claimed), teacher options that cannot run: a loss
+    that needs pseudo-labels without ``--teacher`` nor pseudo-labelled ``--data``, per-step teaching of a loss that
+    cannot take pseudo-labels or in ``--mode linear``. One line naming the option to add."""
+    from mlic.registry import get_loss
+
+    cls = get_loss(loss.lower().replace("-", "_"))
+    needs = bool(getattr(cls, "needs_teacher", False)) and (loss_args or {}).get("use_pl", True) is not False
+    stored = data is not None and any((Path(data) / sub / PSEUDO_LABEL_FILE).is_file() for sub in ("", "train"))
+    if needs and teacher is None and not stored:
+        raise MlicError(f"--loss {loss} needs pseudo-labels from a teacher: add --teacher <CLIP weights, e.g. "
+                        "ViT-B-16.pt> (or --data a folder written by mlic pseudo-label)")
+    if teacher is not None and not teacher_cache:
+        if mode == "linear":
+            raise MlicError("--no-teacher-cache needs image batches; --mode linear trains on cached features: use "
+                            "--teacher-cache")
+        if not hasattr(cls, "set_pseudo_labels"):
+            raise MlicError(f"--no-teacher-cache relabels every step, which --loss {loss} cannot take; use "
+                            "--teacher-cache (pseudo-labels as extra positives) or --loss vlpl / aevlp")
+    if teacher is not None and not Path(str(teacher)).exists():
+        raise MlicError(f"--teacher {teacher}: no such file or folder")

@@ -88,18 +88,3 @@ def test_broken_json_and_a_half_saved_pair_are_refused(tmp_path):
     (folder / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
     with pytest.raises(CheckpointError, match="model.safetensors and model.json are from two different saves"):
         load_model(folder)
-
-
-def test_a_failed_write_names_its_file(tmp_path, monkeypatch):
-    import errno
-    import os
-
-    from mlic.io import atomic_write_bytes
-
-    def full(fd):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(os, "fsync", full)
-    with pytest.raises(OSError) as err:
-        atomic_write_bytes(tmp_path / "model.json", b"{}")
-    assert err.value.filename == str(tmp_path / "model.json") and not list(tmp_path.iterdir())

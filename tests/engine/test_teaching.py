@@ -145,3 +145,18 @@ def test_pseudo_label_command_and_training_on_its_data(tiny_digits, clip_file, t
                                       "--out", str(tmp_path / "D_bad"), "--workers", "0", "--quiet"])
     assert result.exit_code == 2 and "neither CLIP layout" in result.output
     assert not (tmp_path / "D_bad").exists()
+
+
+def test_options_checked_before_any_work(tmp_path, clip_file):
+    from mlic.engine.teaching import check_teacher_options
+
+    with pytest.raises(MlicError, match="--loss vlpl needs pseudo-labels from a teacher: add --teacher"):
+        check_teacher_options("vlpl", {}, None, True, None, "finetune")
+    check_teacher_options("aevlp", {"use_pl": False}, None, True, None, "finetune")  # the ablation needs none
+    check_teacher_options("vlpl", {}, clip_file, False, None, "finetune")
+    with pytest.raises(MlicError, match="--mode linear"):
+        check_teacher_options("vlpl", {}, clip_file, False, None, "linear")
+    with pytest.raises(MlicError, match="--loss an cannot take"):
+        check_teacher_options("an", {}, clip_file, False, None, "finetune")
+    with pytest.raises(MlicError, match="no such file"):
+        check_teacher_options("vlpl", {}, tmp_path / "absent.pt", True, None, "finetune")

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from mlic.config import IMAGENET_MEAN
-from mlic.engine.checkpoint import convert_query2label, load_model
+from mlic.engine.checkpoint import load_model
+from mlic.engine.convert import convert_query2label
 from mlic.models.backbones import build_backbone
 from mlic.models.classifier import build_model
 from mlic.models.heads import sine_position_encoding
