@@ -37,18 +37,24 @@ def parse_size(text: str | int) -> int:
 
 def _image_bytes(labelset: LabelSet, i: int) -> tuple[bytes | None, str]:
     """The file's bytes and "", or None and why it cannot be packed (missing, unreadable, not an image)."""
-    from PIL import Image, UnidentifiedImageError
+    import stat
+
+    from mlic.data.images import ImageError, open_image
 
     path = labelset.path(i)
     try:
+        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block the read forever
+            return None, "not a regular file (a pipe, socket or device)"
         data = path.read_bytes()
     except FileNotFoundError:
         return None, "image not found"
     except OSError as e:
         return None, f"cannot read ({e.strerror or e})"
-    try:  # the header only (~50 µs): catches empty and non-image files; a truncated body fails at training, counted
-        Image.open(io.BytesIO(data)).close()
-    except (UnidentifiedImageError, OSError) as e:
+    try:  # the header only (~50 µs), in the formats mlic reads: a truncated body fails at training, counted
+        open_image(io.BytesIO(data), path).close()
+    except ImageError as e:
+        return None, f"not an image ({str(e).removeprefix(f'{path}: ')})"
+    except Exception as e:  # noqa: BLE001 - a corrupt header of an allowed format: PIL raises anything
         return None, f"not an image ({e})"
     return data, ""
 

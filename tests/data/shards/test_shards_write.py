@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 
 import numpy as np
@@ -60,15 +61,19 @@ def test_missing_and_unreadable_images_are_counted_not_packed(tmp_path, make_lab
     labelset = make_labelset(tmp_path / "data", observed=False)
     labelset.path(2).unlink()
     labelset.path(5).write_bytes(b"not an image")
+    labelset.path(7).unlink()
+    os.mkfifo(labelset.path(7))  # a pipe named .jpg: packing must not block on it
+    labelset.path(9).write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n")  # never Ghostscript
     lines = []
     write_shards(labelset, tmp_path / "out", 10**9, progress=False, log=lines.append)
     index = ShardIndex.read(tmp_path / "out")
-    assert index.num_samples == N - 2 and index.observed is False
-    assert [(s["index"], s["reason"].split(" (")[0]) for s in index.skipped] == [(2, "image not found"),
-                                                                                 (5, "not an image")]
-    assert len(lines) == 2 and "02.jpg: image not found" in lines[0]
+    assert index.num_samples == N - 4 and index.observed is False
+    assert [(s["index"], s["reason"].split(" (")[0]) for s in index.skipped] == [
+        (2, "image not found"), (5, "not an image"), (7, "not a regular file"), (9, "not an image")]
+    assert "EPS file, not a format mlic reads" in index.skipped[3]["reason"]
+    assert len(lines) == 4 and "02.jpg: image not found" in lines[0]
     got = rows(ShardDataset(tmp_path / "out", build_transform(SIZE, train=False), shuffle=False))
-    assert sorted(got) == [i for i in range(N) if i not in (2, 5)]
+    assert sorted(got) == [i for i in range(N) if i not in (2, 5, 7, 9)]
 
 
 def test_prepare_shards_writes_every_split_and_replaces_as_a_whole(tmp_path, make_labelset, rows):
