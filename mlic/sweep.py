@@ -16,7 +16,8 @@ names its row). ``exclude`` lists partial option dicts: a trial matching every e
 
 Cole et al.'s selection rule (:func:`select`): for each value of the remaining axes (not in ``over`` nor
 ``mean_over``), the setting of ``over`` with the best ``metric`` averaged over ``mean_over``; its ``report``
-values give mean ± std (ddof 1) and n.
+values give mean ± std (ddof 1) and n. ``select: {choose: each}`` picks the best setting for each value of
+``mean_over`` on its own instead (a grid search per seed, as the README's MultiDigits table was made).
 
 The output folder::
 
@@ -57,7 +58,8 @@ import yaml
 from mlic.errors import MlicError
 
 SWEEP_KEYS = ("description", "base", "grid", "exclude", "select", "report", "resources", "max_concurrent", "retries")
-SELECT_KEYS = ("metric", "over", "mean_over")
+SELECT_KEYS = ("metric", "over", "mean_over", "choose")
+CHOOSE = ("mean", "each")
 RESOURCE_KEYS = ("cpus", "gpus")
 SET_BY_SWEEP = ("out", "resume", "overwrite", "log", "log_to", "features_dir", "quiet")
 """mlic.train keywords the sweep sets for every trial."""
@@ -100,6 +102,9 @@ class Sweep:
     retries: int = 2
     exclude: list[dict] = field(default_factory=list)
     description: str = ""
+    choose: str = "mean"
+    """``mean``: one ``over`` setting per row, the best ``metric`` averaged over ``mean_over`` (Cole et al.);
+    ``each``: the best setting for each value of ``mean_over`` on its own (a grid search per seed)."""
 
     @property
     def rows(self) -> list[str]:
@@ -175,6 +180,10 @@ def parse_sweep(spec: dict, source: str = "sweep") -> Sweep:
     if mean_over is not None and (mean_over not in grid or mean_over in over):
         raise SweepError(f"{_where(source, 'select.mean_over')}: {mean_over} is not a grid axis outside "
                          f"select.over; choose among {', '.join(a for a in grid if a not in over)}")
+    choose = select.get("choose", "mean")
+    if choose not in CHOOSE or (choose == "each" and mean_over is None):
+        raise SweepError(f"{_where(source, 'select.choose')}: {choose!r}; choose mean (the best setting averaged over "
+                         "mean_over) or each (the best setting per value of mean_over, which each needs)")
     metric = select.get("metric", "val_mAP")
     report = spec.get("report", "test_mAP")
     for key, value in (("select.metric", metric), ("report", report)):
@@ -199,7 +208,7 @@ def parse_sweep(spec: dict, source: str = "sweep") -> Sweep:
     for entry in exclude:
         check_options(entry, _where(source, "exclude"), valid)
     return Sweep(base, dict(grid), over, mean_over, metric, report, cpus, gpus, max_concurrent, retries, exclude,
-                 str(spec.get("description") or ""))
+                 str(spec.get("description") or ""), choose)
 
 
 def read_sweep(path: str | Path) -> Sweep:
@@ -632,8 +641,9 @@ def run_sweep(out: str | Path, file: str | Path | None = None, address: str | No
                if k in os.environ}
         check_address(address)
         try:
-            ray.init(address=address, include_dashboard=False, runtime_env={"env_vars": env} if env else None,
-                     log_to_driver=False)
+            # "local": a Ray of its own on this machine, never a cluster left running (or a stale file of one)
+            ray.init(address=address or "local", include_dashboard=False,
+                     runtime_env={"env_vars": env} if env else None, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as e:
             if address is None:
                 raise
@@ -752,8 +762,16 @@ def select(sweep: Sweep, rows: list[dict]) -> list[dict]:
         groups.setdefault(key, {}).setdefault(setting, []).append(row)
     table = []
     for key, settings in groups.items():
-        best = max(settings, key=lambda s: np.mean([_score(r[sweep.metric]) for r in settings[s]]))
-        chosen = settings[best]
+        if sweep.choose == "each":  # per value of mean_over, its own best setting
+            per: dict[str, list[dict]] = {}
+            for rows_of_setting in settings.values():
+                for r in rows_of_setting:
+                    per.setdefault(r["axes"][sweep.mean_over], []).append(r)
+            chosen = [max(candidates, key=lambda r: _score(r[sweep.metric])) for candidates in per.values()]
+            best = tuple("/".join(dict.fromkeys(r["axes"][a] for r in chosen)) for a in sweep.over)
+        else:
+            best = max(settings, key=lambda s: np.mean([_score(r[sweep.metric]) for r in settings[s]]))
+            chosen = settings[best]
         reported = [r[sweep.report] for r in chosen if r.get(sweep.report) is not None]
         mean, std = mean_std(reported) if reported else (math.nan, math.nan)
         entry = dict(zip(sweep.rows, key))
@@ -855,7 +873,8 @@ def write_report(out: str | Path, sweep: Sweep | None = None, rows: list[dict] |
     table = select(sweep, rows)
     markdown = table_markdown(sweep, table)
     note = (f"\n{len(rows)} trials; per row the setting of {', '.join(sweep.over) or '(nothing)'} with the best "
-            f"{sweep.metric}" + (f" averaged over {sweep.mean_over}" if sweep.mean_over else "") +
+            f"{sweep.metric}" + (f" for each {sweep.mean_over}" if sweep.choose == "each" else
+                                 f" averaged over {sweep.mean_over}" if sweep.mean_over else "") +
             f"; {sweep.report} mean ± std" + (f" over {sweep.mean_over}" if sweep.mean_over else "") +
             ". Made by `mlic sweep`.\n")
     if failed:

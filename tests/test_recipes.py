@@ -7,7 +7,9 @@ import pytest
 from mlic.config import ModelConfig, TrainConfig, read_recipe
 from mlic.engine.job import MODES
 
-RECIPES = sorted((Path(__file__).parents[1] / "recipes").rglob("*.yaml"))
+ROOT = Path(__file__).parents[1] / "recipes"
+RECIPES = sorted(p for p in ROOT.rglob("*.yaml") if "sweeps" not in p.relative_to(ROOT).parts)
+"""Training recipes; recipes/sweeps/ holds sweep files, read by mlic.sweep (tests/test_sweep.py)."""
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(p.parents[1])))

@@ -7,6 +7,7 @@ import json
 import re
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import yaml
 from typer.testing import CliRunner
 
 from mlic.cli import app
-from mlic.sweep import SweepError, parse_sweep, prepare_data, run_trial, select, start, trials, write_report
+from mlic.sweep import SweepError, error_line, parse_sweep, prepare_data, run_trial, select, start, trials, write_report
 
 runner = CliRunner()
 TINY = {"digits_size": "64,32,32", "img_size": 32, "workers": 0, "threads": 1}
@@ -274,9 +275,10 @@ def test_changed_grid_names_the_differences(tmp_path, backbone, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     out = tmp_path / "out"
     start(out, sweep_file(tmp_path, backbone), False)  # the sweep out holds
-    added = sweep_file(tmp_path, backbone, grid={"loss": ["an", "role"], "lr": [1.0e-3, 1.0e-2, 1.0e-4],
-                                                 "seed": [0, 1]})
-    result = runner.invoke(app, ["sweep", added, "--out", str(out), "--resume"])
+    added = tmp_path / "added.yaml"
+    added.write_text(Path(sweep_file(tmp_path, backbone, grid={"loss": ["an", "role"], "lr": [1.0e-3, 1.0e-2, 1.0e-4],
+                                                              "seed": [0, 1]})).read_text())
+    result = runner.invoke(app, ["sweep", str(added), "--out", str(out), "--resume"])
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
     assert "differs from the sweep" in result.output and "grid.lr: added 0.0001" in result.output
     assert "add the new trials with --extend" in result.output
@@ -287,7 +289,7 @@ def test_changed_grid_names_the_differences(tmp_path, backbone, monkeypatch):
     assert "--extend only adds trials" in result.output and "grid.loss: added wan; grid.loss: removed role" in \
         result.output and "max_concurrent: 2 -> 1" in result.output
     assert len(trials(start(out, added, False, extend=True, log=lambda *a: None))) == 12
-    assert (out / "sweep.yaml").read_text() == open(added).read()
+    assert (out / "sweep.yaml").read_text() == added.read_text()
 
 
 def test_unreachable_address_is_one_line(tmp_path, backbone):
@@ -330,3 +332,147 @@ def test_failing_trial_is_reported_once_and_the_sweep_goes_on(tmp_path, backbone
     assert len((out / "results.jsonl").read_text().splitlines()) == 1
     table = (out / "table.md").read_text()
     assert "Failed (1; not in the table, rerun with --resume)" in table and f"- seed=broken: {error}" in table
+
+
+def _descendants(pid: int) -> list[int]:
+    """PIDs of a process's children, grandchildren, ... (from /proc)."""
+    import os
+
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            parents.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        out += children
+        todo += children
+    return out
+
+
+def _trial_workers(raylet: int) -> list[int]:
+    """The worker processes under a raylet that are running a Tune trial (their title names the trainable)."""
+    found = []
+    for pid in _descendants(raylet):
+        try:
+            title = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+        except OSError:
+            continue
+        if "ImplicitFunc" in title or "ray_trial" in title:
+            found.append(pid)
+    return found
+
+
+def test_two_nodes_a_killed_node_trial_is_retried_with_the_same_table(tmp_path, backbone, monkeypatch):
+    """Two Ray nodes on 127.0.0.1 (one CPU each); the worker node is killed (raylet and workers, by PID) while it runs
+    a trial; the trial is retried on the head and the table equals a one-node run's, number for number."""
+    import os
+    import signal
+    import time
+
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("tensorboard")
+    from ray._private import ray_constants
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # nodes (and their workers) on 127.0.0.1 only
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False, raising=False)
+    path = sweep_file(tmp_path, backbone, grid={"lr": [2.0e-3, 4.0e-3], "seed": [0, 1]},
+                      base={"mode": "finetune", "epochs": 4, "pretrained": str(backbone), "digits_size": "64,32,32",
+                            "img_size": 32, "workers": 0, "hflip": False}, retries=2)
+    try:
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 1, "include_dashboard": False,
+            "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}})
+        worker = cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+    except Exception as e:  # noqa: BLE001 - the reason is the skip message
+        pytest.skip(f"Ray cannot start two nodes on this machine: {error_line(e)}")
+    raylets = {name: node.all_processes["raylet"][0].process.pid for name, node in
+               (("head", cluster.head_node), ("worker", worker))}
+    seen, killed = {}, []
+
+    def kill_worker_node():
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not killed:
+            busy = {name: _trial_workers(pid) for name, pid in raylets.items()}
+            started = any("epoch" in p.read_text() for p in (tmp_path / "two" / "logs").glob("*.log"))
+            if busy["head"] and busy["worker"] and started:
+                seen.update(busy)
+                victims = [raylets["worker"], *_descendants(raylets["worker"])]
+                for pid in victims:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                killed.extend(victims)
+            time.sleep(0.2)
+
+    def too_long(*_):
+        raise TimeoutError("two-node sweep ran past 400 s")
+
+    killer = threading.Thread(target=kill_worker_node, daemon=True)
+    previous = signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(400)
+    try:
+        ray.init(address=cluster.address)
+        killer.start()
+        two = runner.invoke(app, ["sweep", path, "--out", str(tmp_path / "two")])
+        killer.join(5)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        ray.shutdown()
+        cluster.shutdown()
+    assert killed and seen["head"] and seen["worker"], "both nodes ran a trial, and the worker node was killed"
+    print(two.output)  # the progress lines, with -s
+    assert two.exit_code == 0, two.output
+    assert "[4/4 done, 0 running, 0 pending" in two.output
+    logs = {p.stem: p.read_text().count("--- ") for p in (tmp_path / "two" / "logs").glob("*.log")}
+    assert sorted(logs.values()) == [1, 1, 1, 2], logs  # the killed trial started again, the others once
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        one = runner.invoke(app, ["sweep", path, "--out", str(tmp_path / "one")])
+    finally:
+        ray.shutdown()
+    assert one.exit_code == 0, one.output
+    rows = {o: {r["trial"]: r for r in map(json.loads, (tmp_path / o / "results.jsonl").read_text().splitlines())}
+            for o in ("one", "two")}
+    assert len(rows["two"]) == 4
+    for name, row in rows["one"].items():
+        for key in ("val_mAP", "test_mAP", "best_epoch", "val_mAP_per_epoch"):
+            assert rows["two"][name][key] == row[key], (name, key)
+    assert (tmp_path / "two" / "table.csv").read_text() == (tmp_path / "one" / "table.csv").read_text()
+
+
+def test_choose_each_picks_the_best_setting_per_seed():
+    """``choose: each`` (a grid search per seed, the README table's rule) against Cole et al.'s mean rule."""
+    spec = {"grid": {"loss": ["an"], "lr": [1.0e-3, 1.0e-2], "seed": [0, 1]},
+            "select": {"over": ["lr"], "mean_over": "seed"}}
+    val = {("0.001", "0"): 60.0, ("0.01", "0"): 50.0, ("0.001", "1"): 40.0, ("0.01", "1"): 70.0}
+    test = {("0.001", "0"): 1.0, ("0.01", "0"): 2.0, ("0.001", "1"): 3.0, ("0.01", "1"): 4.0}
+    mean, each = parse_sweep(spec), parse_sweep({**spec, "select": {**spec["select"], "choose": "each"}})
+    rows = [{"trial": t["name"], "axes": t["axes"], "val_mAP": val[t["axes"]["lr"], t["axes"]["seed"]],
+             "test_mAP": test[t["axes"]["lr"], t["axes"]["seed"]]} for t in trials(mean)]
+    [by_mean], [by_each] = select(mean, rows), select(each, rows)
+    assert by_mean["lr"] == "0.01" and by_mean["test_mAP_mean"] == pytest.approx(3.0)  # mean val 60 vs 50
+    assert by_each["lr"] == "0.001/0.01" and by_each["test_mAP_mean"] == pytest.approx(2.5)  # seed 0: 1.0, seed 1: 4.0
+    assert by_each["test_mAP_std"] == pytest.approx(np.std([1.0, 4.0], ddof=1)) and by_each["n"] == 2
+    with pytest.raises(SweepError, match="select.choose"):
+        parse_sweep({**spec, "select": {"over": ["lr"], "choose": "each"}})
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "recipes" / "sweeps").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_sweep_file_reads_and_expands_into_checked_trials(path):
+    from mlic.sweep import check_trials, read_sweep, trials
+
+    sweep = read_sweep(path)
+    expanded = trials(sweep, cwd=path.parents[2])
+    assert expanded, path
+    check_trials(expanded, str(path))  # every loss / head / argument a trial names exists

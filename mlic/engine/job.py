@@ -186,6 +186,9 @@ def make_job(
     out = Path(out) if out is not None else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     if checkpoint_every is None and data is not None:
         checkpoint_every = 10.0
+    from mlic.engine.teaching import check_teacher_options
+
+    check_teacher_options(train_cfg.loss, train_cfg.loss_args, teacher, teacher_cache, data, mode)  # before the claim
     if main:
         claim_run_dir(out, resume=resume, overwrite=overwrite)
     splits = training_splits(Path(data) if data is not None else None, observe, observe_seed, val_fraction,

@@ -384,8 +384,10 @@ class ImageSteps:
     def settings(self) -> dict:
         """What a resumed run must share with the saved one (how fast it runs may change)."""
         unrelated = ("workers", "threads")
+        teacher = {"teacher": self.job.teacher, "teacher_args": self.job.teacher_args or None,
+                   "teacher_cache": self.job.teacher_cache if self.job.teacher else None}  # None: as runs before them
         return {"model": self.job.model.to_dict(),
-                "train": {k: v for k, v in self.cfg.to_dict().items() if k not in unrelated},
+                "train": {**{k: v for k, v in self.cfg.to_dict().items() if k not in unrelated}, **teacher},
                 "data": {"train": labelset_fingerprint(self.splits.train),
                          "val": labelset_fingerprint(self.splits.val)}}
 
