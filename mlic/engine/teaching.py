@@ -329,7 +329,10 @@ def pseudo_label_data(data: str | Path, teacher: str | Path, out: str | Path, ru
     data, out = Path(data), Path(out)
     if out.resolve() == data.resolve():
         raise MlicError(f"--out {out}: write the pseudo-labelled copy to a new folder, not over --data")
+    from mlic.data.prepare import check_replaceable
+
     found = load_prepared(data)
+    check_replaceable(out)  # replaced as a whole: only a folder of LabelSets, never a user's folder
     check_writable(out.parent if out.parent != Path("") else Path("."), "--out")
     args = dict(teacher_args or {})
     args["rule"] = rule

@@ -145,6 +145,13 @@ def test_pseudo_label_command_and_training_on_its_data(tiny_digits, clip_file, t
                                       "--out", str(tmp_path / "D_bad"), "--workers", "0", "--quiet"])
     assert result.exit_code == 2 and "neither CLIP layout" in result.output
     assert not (tmp_path / "D_bad").exists()
+    # --out is replaced as a whole: a user's folder is refused, never emptied
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(app, ["pseudo-label", "--data", str(data), "--teacher", str(clip_file),
+                                      "--out", str(tmp_path / "mine"), "--workers", "0", "--quiet"])
+    assert result.exit_code == 2 and "not only prepared splits" in result.output
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
 
 
 def test_options_checked_before_any_work(tmp_path, clip_file):
