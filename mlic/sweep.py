@@ -63,7 +63,7 @@ CHOOSE = ("mean", "each")
 RESOURCE_KEYS = ("cpus", "gpus")
 SET_BY_SWEEP = ("out", "resume", "overwrite", "log", "log_to", "features_dir", "quiet")
 """mlic.train keywords the sweep sets for every trial."""
-PATH_OPTIONS = ("data", "pretrained", "recipe", "init_from")
+PATH_OPTIONS = ("data", "pretrained", "recipe", "init_from", "teacher")
 """Options naming files: made absolute where the sweep starts (Ray runs trials in other folders)."""
 METRICS = ("val_mAP", "test_mAP")
 INSTALL = "pip install -e '.[sweep]'"
@@ -713,25 +713,35 @@ def digits_backbone(path: str | Path, epochs: int = 15) -> Path:
 
     from safetensors.torch import save_file
 
-    from mlic.config import ModelConfig, TrainConfig
-    from mlic.data.digits import DigitsSpec, build_multidigits
-    from mlic.data.splits import Splits
     from mlic.engine.checkpoint import load_model
-    from mlic.engine.job import TrainJob
-    from mlic.engine.run import run
 
     path = Path(path)
     if path.exists():
         return path
-    draw = build_multidigits(spec=DigitsSpec(train=4000, val=500, test=0, draw_seed=1))
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig(epochs=epochs, lr=4e-3, hflip=False)
-        run(TrainJob(ModelConfig(num_classes=10), cfg, Splits(draw["train"], draw["val"], None), Path(tmp) / "run",
-                     progress=False))
-        model, _ = load_model(Path(tmp) / "run")
+        model, _ = load_model(digits_teacher(Path(tmp) / "run", epochs))
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.backbone.state_dict().items()}, str(path))
     return path
+
+
+def digits_teacher(folder: str | Path, epochs: int = 15) -> Path:
+    """The run folder of that same network (digitnet, full labels, MultiDigits draw 1), kept when there: the
+    MultiDigits sweeps' stand-in for a CLIP teacher (``teacher: FOLDER``, ``teacher_args: {kind: classifier}``),
+    since a random CLIP teaches nothing. ``python -c "import mlic.sweep as s; s.digits_teacher('D')"``."""
+    from mlic.config import ModelConfig, TrainConfig
+    from mlic.data.digits import DigitsSpec, build_multidigits
+    from mlic.data.splits import Splits
+    from mlic.engine.job import TrainJob
+    from mlic.engine.run import run
+
+    folder = Path(folder)
+    if (folder / "model.json").exists():
+        return folder
+    draw = build_multidigits(spec=DigitsSpec(train=4000, val=500, test=0, draw_seed=1))
+    cfg = TrainConfig(epochs=epochs, lr=4e-3, hflip=False)
+    run(TrainJob(ModelConfig(num_classes=10), cfg, Splits(draw["train"], draw["val"], None), folder, progress=False))
+    return folder
 
 
 # ---------------------------------------------------------------------------------------------------------------
