@@ -63,7 +63,7 @@ def test_tiny_sweep_end_to_end_on_local_ray(tmp_path, backbone):
     ray = pytest.importorskip("ray")
     pytest.importorskip("tensorboard")
     out = tmp_path / "sweep"
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # its own, never a cluster left running
     try:
         result = runner.invoke(app, ["sweep", sweep_file(tmp_path, backbone), "--out", str(out)])
         assert result.exit_code == 0, result.output
@@ -316,7 +316,7 @@ def test_failing_trial_is_reported_once_and_the_sweep_goes_on(tmp_path, backbone
     broken = {"seed": 1, "data": str(tmp_path / "no_such_data"), "label": "broken"}
     path = sweep_file(tmp_path, backbone, grid={"seed": [0, broken]}, select={"over": []},
                       base={"mode": "linear", "epochs": 1, "pretrained": str(backbone), "img_size": 32, "workers": 0})
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # its own, never a cluster left running
     try:
         result = runner.invoke(app, ["sweep", path, "--out", str(out)])
     finally:
@@ -435,7 +435,7 @@ def test_two_nodes_a_killed_node_trial_is_retried_with_the_same_table(tmp_path, 
     logs = {p.stem: p.read_text().count("--- ") for p in (tmp_path / "two" / "logs").glob("*.log")}
     assert sorted(logs.values()) == [1, 1, 1, 2], logs  # the killed trial started again, the others once
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # its own, never a cluster left running
     try:
         one = runner.invoke(app, ["sweep", path, "--out", str(tmp_path / "one")])
     finally:
