@@ -11,18 +11,10 @@ from __future__ import annotations
 import torch
 
 from mlic.errors import MlicError
+from mlic.registry import registrar
 
 RULES: dict[str, object] = {}
-
-
-def _rule(name: str):
-    def add(fn):
-        if name in RULES:
-            raise MlicError(f"pseudo-label rule '{name}' is registered twice")
-        RULES[name] = fn
-        return fn
-
-    return add
+_rule = registrar(RULES, "pseudo-label rule")
 
 
 def _sims(sims: torch.Tensor, ndim: int, rule: str) -> torch.Tensor:
