@@ -63,8 +63,38 @@ def gr_loss(logits: torch.Tensor, targets: torch.Tensor, w: float, b: float, mu:
     return torch.where(targets == -1, unknown_term, loss).mean()
 
 
+class GRSchedule:
+    """GR's (w, b, μ, σ) schedule over the run's epochs and its exponents q2, q3: one piece for every loss built
+    on it (``gr``, AEVLP's GPR loss). Mixed in before an :class:`EpochLoss`."""
+
+    def init_schedule(self, name: str, num_epochs: int, linear_init: int, beta: Sequence[float],
+                      alpha: Sequence[float], q: Sequence[float], schedule: str) -> None:
+        """Check and keep the schedule's settings; ``name`` is the loss named in the messages."""
+        if len(beta) != 4 or len(alpha) != 4 or len(q) != 2:
+            raise LossInputError(f"{name} takes beta=[w0, wT, b0, bT], alpha=[mu0, sigma0, muT, sigmaT], q=[q2, q3]; "
+                                 f"got {len(beta)}, {len(alpha)} and {len(q)} values")
+        if not 0 <= linear_init < num_epochs:
+            raise LossInputError(f"{name} needs 0 <= linear_init < num_epochs, got {linear_init} and {num_epochs}")
+        if schedule not in SCHEDULES:
+            raise LossInputError(f"{name} schedule must be one of {SCHEDULES}, got {schedule!r}")
+        self.schedule_name = name
+        self.num_epochs, self.linear_init, self.schedule = int(num_epochs), int(linear_init), schedule
+        self.beta, self.alpha = [float(x) for x in beta], [float(x) for x in alpha]
+        self.q2, self.q3 = float(q[0]), float(q[1])
+
+    def start_epoch(self, epoch: int) -> None:
+        if int(epoch) >= self.num_epochs:
+            raise LossInputError(f"{self.schedule_name} was built for num_epochs={self.num_epochs} (its schedule's "
+                                 f"length); pass num_epochs = the run's epochs, got epoch {epoch}")
+        super().start_epoch(epoch)
+
+    def schedule_values(self) -> tuple[float, float, float, float]:
+        """(w, b, μ, σ) of the current epoch."""
+        return gr_schedule(self._epoch, self.num_epochs, self.linear_init, self.beta, self.alpha, self.schedule)
+
+
 @register_loss("gr")
-class GRLoss(EpochLoss):
+class GRLoss(GRSchedule, EpochLoss):
     """GR Loss; call ``start_epoch(epoch)`` before each epoch (0-based, < num_epochs).
 
     Args:
@@ -83,26 +113,7 @@ class GRLoss(EpochLoss):
                  alpha: Sequence[float] = (0.5, 2.0, 0.8, 0.5), q: Sequence[float] = (0.01, 1.0),
                  schedule: str = "official") -> None:
         super().__init__()
-        if len(beta) != 4 or len(alpha) != 4 or len(q) != 2:
-            raise LossInputError(f"gr takes beta=[w0, wT, b0, bT], alpha=[mu0, sigma0, muT, sigmaT], q=[q2, q3]; got "
-                                 f"{len(beta)}, {len(alpha)} and {len(q)} values")
-        if not 0 <= linear_init < num_epochs:
-            raise LossInputError(f"gr needs 0 <= linear_init < num_epochs, got {linear_init} and {num_epochs}")
-        if schedule not in SCHEDULES:
-            raise LossInputError(f"gr schedule must be one of {SCHEDULES}, got {schedule!r}")
-        self.num_epochs, self.linear_init, self.schedule = int(num_epochs), int(linear_init), schedule
-        self.beta, self.alpha = [float(x) for x in beta], [float(x) for x in alpha]
-        self.q2, self.q3 = float(q[0]), float(q[1])
-
-    def start_epoch(self, epoch: int) -> None:
-        if int(epoch) >= self.num_epochs:
-            raise LossInputError(f"gr was built for num_epochs={self.num_epochs} (its schedule's length); pass "
-                                 f"num_epochs = the run's epochs, got epoch {epoch}")
-        super().start_epoch(epoch)
-
-    def schedule_values(self) -> tuple[float, float, float, float]:
-        """(w, b, μ, σ) of the current epoch."""
-        return gr_schedule(self._epoch, self.num_epochs, self.linear_init, self.beta, self.alpha, self.schedule)
+        self.init_schedule("gr", num_epochs, linear_init, beta, alpha, q, schedule)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
         require_unknown("gr", targets)

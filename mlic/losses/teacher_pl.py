@@ -38,7 +38,7 @@ from collections.abc import Sequence
 import torch
 
 from mlic.losses.base import EpochLoss, LossInputError, require_indices, require_unknown
-from mlic.losses.gr import SCHEDULES, gr_schedule, gr_weights
+from mlic.losses.gr import GRSchedule, gr_weights
 from mlic.registry import register_loss
 
 VLPL_EPSILON = 1e-5
@@ -201,7 +201,7 @@ def gpr_loss(logits: torch.Tensor, targets: torch.Tensor, pseudo: torch.Tensor, 
 
 
 @register_loss("aevlp")
-class AEVLPLoss(PseudoLabelLoss):
+class AEVLPLoss(GRSchedule, PseudoLabelLoss):
     """AEVLP's GPR loss (GR + pseudo-positives + EPR); needs a teacher's pseudo-labels (rule "aevlp").
 
     Args:
@@ -230,26 +230,10 @@ class AEVLPLoss(PseudoLabelLoss):
             raise LossInputError(f"aevlp takes beta=[w0, wT, b0, bT], alpha=[mu0, sigma0, muT, sigmaT], q=[q2, q3], "
                                  f"lam=[lambda1, lambda2]; got {len(beta)}, {len(alpha)}, {len(q)} and {len(lam)} "
                                  "values")
-        if not 0 <= linear_init < num_epochs:
-            raise LossInputError(f"aevlp needs 0 <= linear_init < num_epochs, got {linear_init} and {num_epochs}")
-        if schedule not in SCHEDULES:
-            raise LossInputError(f"aevlp schedule must be one of {SCHEDULES}, got {schedule!r}")
-        self.num_epochs, self.linear_init, self.schedule = int(num_epochs), int(linear_init), schedule
-        self.beta, self.alpha = [float(x) for x in beta], [float(x) for x in alpha]
-        self.q2, self.q3 = float(q[0]), float(q[1])
+        self.init_schedule("aevlp", num_epochs, linear_init, beta, alpha, q, schedule)
         self.lam, self.rho, self.reg = (float(lam[0]), float(lam[1])), float(rho), float(reg)
         self.expected_positives, self.use_pl = float(expected_positives), bool(use_pl)
         self.needs_teacher = self.use_pl
-
-    def start_epoch(self, epoch: int) -> None:
-        if int(epoch) >= self.num_epochs:
-            raise LossInputError(f"aevlp was built for num_epochs={self.num_epochs} (its schedule's length); pass "
-                                 f"num_epochs = the run's epochs, got epoch {epoch}")
-        super().start_epoch(epoch)
-
-    def schedule_values(self) -> tuple[float, float, float, float]:
-        """(w, b, μ, σ) of the current epoch."""
-        return gr_schedule(self._epoch, self.num_epochs, self.linear_init, self.beta, self.alpha, self.schedule)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
         require_unknown("aevlp", targets)
