@@ -233,17 +233,14 @@ class FeatureSteps:
         self.labels = training_labels(train_targets, loss)  # what training reads; corrections may change it
         self.probe = LinearProbe(num_features, len(classes), num_images, cfg, loss=loss)
         count = len(train.rows)
-        batch = min(cfg.batch_size, count)
-        stop = count - count % batch if cfg.drop_last else count
-        self.scheduler = build_schedule(self.probe.optimizer, cfg, cfg.epochs * -(-stop // batch))
+        self.batch = min(cfg.batch_size, count)
+        self.stop = count - count % self.batch if cfg.drop_last else count
+        self.scheduler = build_schedule(self.probe.optimizer, cfg, cfg.epochs * self.steps_in(0))
         self.loss = self.probe.loss
         self.estimator_key = next((k for k, p in self.loss.named_parameters() if p is self.probe.estimator), None)
         self.matmul_threads = cfg.matmul_threads or torch.get_num_threads()
         self.order = torch.Generator().manual_seed(cfg.seed + 1)
         self.readable = torch.from_numpy(train.rows)
-        self.batch = min(cfg.batch_size, len(train.rows))
-        count = len(train.rows)
-        self.stop = count - count % self.batch if cfg.drop_last else count
 
     @classmethod
     def from_job(cls, job: TrainJob) -> FeatureSteps:

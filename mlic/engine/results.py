@@ -61,19 +61,18 @@ def _complete_csv(data: str, columns: int) -> tuple[list[list[str]], int]:
     path holding a newline (a quoted field over two lines) is one record, and a record cut by a crash
     inside its quotes is dropped rather than read as a shorter path.
     """
-    lines = data.splitlines(keepends=True)
-    consumed = [0]
+    consumed = [0, ""]  # characters read so far, and the last line read
 
     def feed():
-        for line in lines:
+        for line in data.splitlines(keepends=True):
             consumed[0] += len(line)
+            consumed[1] = line
             yield line
 
     rows, end = [], 0
-    reader = csv.reader(feed())
     try:
-        for row in reader:
-            if len(row) != columns or not data[:consumed[0]].endswith("\n"):
+        for row in csv.reader(feed()):
+            if len(row) != columns or not consumed[1].endswith("\n"):
                 break
             rows.append(row)
             end = consumed[0]
