@@ -377,7 +377,7 @@ def predict(
     """Label images with scores, batch by batch: printed, or streamed to --jsonl/--csv (resumable)."""
     from mlic.data.labelset import LabelSet
     from mlic.engine.predict import Predictor, list_images, read_path_list, unique_paths
-    from mlic.engine.results import ResultWriter, model_identity
+    from mlic.engine.results import AttentionFiles, ResultWriter, model_identity
     from mlic.progress import progress_bar
 
     if resume and not (jsonl or csv_out):
@@ -395,7 +395,8 @@ def predict(
     for folder in unreadable:
         typer.echo(f"{shown(folder)}: cannot list this folder (permissions?); its images are not predicted", err=True)
     given = len(paths)
-    paths = unique_paths(paths)
+    images = unique_paths(paths)  # {resolved: as given}: each path resolved once
+    paths = list(images.values())
     if not paths:
         raise MlicError(f"no images found in {', '.join(map(str, inputs)) or path_list or 'the arguments'}; "
                          "give image files, folders, a LabelSet folder or --list")
@@ -405,8 +406,9 @@ def predict(
     identity = model_identity(predictor.files, predictor.classes, predictor.thresholds.tolist(), threshold, top_k) \
         if (jsonl or csv_out) else ""
     writer = ResultWriter(predictor.classes, jsonl, csv_out, resume, identity, protected, overwrite)
-    maps = AttentionFiles(explain, paths, protected, overwrite) if explain else None
-    todo = [p for p in paths if not writer.skip(str(p))]
+    maps = AttentionFiles(explain, images, protected, overwrite) if explain else None
+    todo_keys = [k for k in images if not writer.skip(k)]
+    todo = [images[k] for k in todo_keys]
     to_files = bool(jsonl or csv_out)
     if given > len(paths):
         typer.echo(f"{given - len(paths)} paths name an image given already; each image is predicted once", err=True)
@@ -418,8 +420,9 @@ def predict(
     t0 = time.perf_counter()
     try:
         for batch in predictor.stream(todo, batch_size, workers, threshold, top_k):
-            writer.write(batch)
-            for r in batch:
+            keys = todo_keys[done:done + len(batch)]  # the stream keeps the order it was given
+            writer.write(batch, keys)
+            for r, resolved in zip(batch, keys):
                 if r.error:
                     bad += 1
                     typer.echo(f"{shown(r.path)}\terror: {r.error}", err=True)
@@ -429,7 +432,7 @@ def predict(
                 if maps and not r.error:
                     from mlic.models.explain import write_attention_png
 
-                    png = maps.path(r.path)
+                    png = maps.path(resolved)
                     write_attention_png(predictor.model, r.path, png, predictor.classes, max_labels=top_k or 12,
                                         thresholds=predictor.thresholds if threshold is None else threshold)
                     typer.echo(f"attention maps: {shown(png)}")
@@ -451,35 +454,6 @@ def shown(path) -> str:
     """A path as one printable line: a newline or a byte that is not UTF-8 appears escaped, never raw."""
     text = str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in text)
-
-
-class AttentionFiles:
-    """One attention-map file per image in ``--explain``: unique names, nothing mlic did not write replaced.
-
-    ``<stem>_attention.png``; images sharing a stem (``a/x.jpg``, ``b/x.jpg``) get the path of the image
-    relative to their common folder instead (``a__x_attention.png``).
-    """
-
-    def __init__(self, folder: Path, paths: list[Path], inputs: list[Path], overwrite: bool) -> None:
-        import os
-        from collections import Counter
-
-        from mlic.outputs import Output, check_outputs
-
-        stems = Counter(Path(p).stem for p in paths)
-        clashing = [str(Path(p).resolve()) for p in paths if stems[Path(p).stem] > 1]
-        root = Path(os.path.commonpath(clashing)) if clashing else None
-        self.names: dict[str, Path] = {}
-        for p in paths:
-            resolved = Path(p).resolve()
-            name = Path(p).stem if stems[Path(p).stem] == 1 else \
-                "__".join(resolved.relative_to(root).with_suffix("").parts)
-            self.names[str(resolved)] = folder / f"{name}_attention.png"
-        check_outputs([Output("--explain", path, "attention-png") for path in self.names.values()], inputs,
-                      overwrite=overwrite)
-
-    def path(self, image: str) -> Path:
-        return self.names[str(Path(image).resolve())]
 
 
 export_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Export a model for other runtimes.")

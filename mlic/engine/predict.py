@@ -73,15 +73,15 @@ def read_path_list(path: str | Path) -> list[Path]:
     return [p if p.is_absolute() else path.parent / p for p in map(Path, items)]
 
 
-def unique_paths(paths: list[Path]) -> list[Path]:
-    """``paths`` without repeats, first occurrence kept; paths are compared resolved (relative = absolute)."""
-    seen: set[str] = set()
-    out = []
+def unique_paths(paths: list[Path]) -> dict[str, Path]:
+    """``paths`` without repeats, keyed by their resolved form (relative = absolute), first occurrence kept.
+
+    The keys are what prediction files compare rows by (:mod:`mlic.engine.results`): each path is resolved
+    once here, not again for every file that looks at it.
+    """
+    out: dict[str, Path] = {}
     for p in paths:
-        key = str(Path(p).resolve())
-        if key not in seen:
-            seen.add(key)
-            out.append(p)
+        out.setdefault(str(Path(p).resolve()), p)
     return out
 
 

@@ -166,15 +166,15 @@ class ResultWriter:
         handle.seek(0, io.SEEK_END)
         return {key(p) for p in paths}
 
-    def skip(self, path: str) -> bool:
-        """Whether every output already holds ``path`` (compared resolved)."""
-        return bool(self.done) and all(key(path) in done for done in self.done.values())
+    def skip(self, resolved: str) -> bool:
+        """Whether every output already holds the image whose resolved path is ``resolved`` (:func:`key`)."""
+        return bool(self.done) and all(resolved in done for done in self.done.values())
 
-    def write(self, predictions: list) -> None:
-        """Append a batch of :class:`~mlic.engine.predict.Prediction` and flush."""
+    def write(self, predictions: list, keys: list[str] | None = None) -> None:
+        """Append a batch of :class:`~mlic.engine.predict.Prediction` and flush; ``keys`` are their resolved
+        paths where the caller has them (else resolved here)."""
         try:
-            for p in predictions:
-                resolved = key(p.path)
+            for p, resolved in zip(predictions, keys or [key(p.path) for p in predictions]):
                 if "jsonl" in self.files and resolved not in self.done["jsonl"]:
                     row = {"path": p.path, "labels": [{"label": c, "score": round(s, 6)} for c, s in p.labels],
                            "scores": None if p.error else dict(zip(self.classes,
@@ -201,3 +201,36 @@ class ResultWriter:
                 handle.close()
             except OSError:
                 pass
+
+
+class AttentionFiles:
+    """One attention-map file per image in ``--explain``: unique names, nothing mlic did not write replaced.
+
+    ``<stem>_attention.png``; images sharing a stem (``a/x.jpg``, ``b/x.jpg``) get the path of the image
+    relative to their common folder instead (``a__x_attention.png``).
+
+    Args:
+        folder: ``--explain``.
+        images: {resolved path: path as given} (:func:`mlic.engine.predict.unique_paths`).
+        inputs: the command's inputs (never outputs).
+        overwrite: replace files that are not mlic's maps.
+    """
+
+    def __init__(self, folder: Path, images: dict[str, Path], inputs: list[Path], overwrite: bool) -> None:
+        import os
+        from collections import Counter
+
+        stems = Counter(Path(p).stem for p in images.values())
+        clashing = [resolved for resolved, p in images.items() if stems[Path(p).stem] > 1]
+        root = Path(os.path.commonpath(clashing)) if clashing else None
+        self.names: dict[str, Path] = {}
+        for resolved, p in images.items():
+            name = Path(p).stem if stems[Path(p).stem] == 1 else \
+                "__".join(Path(resolved).relative_to(root).with_suffix("").parts)
+            self.names[resolved] = folder / f"{name}_attention.png"
+        check_outputs([Output("--explain", path, "attention-png") for path in self.names.values()], inputs,
+                      overwrite=overwrite)
+
+    def path(self, resolved: str) -> Path:
+        """The map file of the image whose resolved path is ``resolved``."""
+        return self.names[resolved]
