@@ -69,9 +69,9 @@ def _members(package: str) -> None:
 
 
 def _get(table: dict, kind: str, name: str, package: str) -> Callable[..., Any]:
-    _members(package)
+    names = _names(table, package)
     if name not in table:
-        raise MlicError(f"unknown {kind} '{name}'; choose one of: {', '.join(sorted(table))}")
+        raise MlicError(f"unknown {kind} '{name}'; choose one of: {', '.join(names)}")
     return table[name]
 
 
@@ -95,28 +95,29 @@ def get_reader(kind: str) -> Callable[..., Any]:
     return _get(READERS, "data set kind", kind, "mlic.data")
 
 
+def _names(table: dict, package: str) -> list[str]:
+    _members(package)
+    return sorted(table)
+
+
 def list_losses() -> list[str]:
     """Every registered loss name, sorted."""
-    _members("mlic.losses")
-    return sorted(LOSSES)
+    return _names(LOSSES, "mlic.losses")
 
 
 def list_heads() -> list[str]:
     """Every registered head name, sorted."""
-    _members("mlic.models")
-    return sorted(HEADS)
+    return _names(HEADS, "mlic.models")
 
 
 def list_backbones() -> list[str]:
     """Every in-house backbone name, sorted (timm's models are not listed)."""
-    _members("mlic.models")
-    return sorted(BACKBONES)
+    return _names(BACKBONES, "mlic.models")
 
 
 def list_readers() -> list[str]:
     """Every registered data-set kind, sorted."""
-    _members("mlic.data")
-    return sorted(READERS)
+    return _names(READERS, "mlic.data")
 
 
 def accepted_arguments(factory: Callable, skip: int = 0) -> list[str] | None:

@@ -52,3 +52,16 @@ def official_fixture():
         return torch.load(path, weights_only=False)  # our own trusted file, with its metadata
 
     return load
+
+
+@pytest.fixture(scope="session")
+def value_and_grad():
+    """``value_and_grad(loss, logits, targets, indices)``: the loss value and d loss / d logits, in float64."""
+
+    def compute(loss, logits, targets, indices):
+        logits = logits.clone().double().requires_grad_(True)
+        value = loss(logits, targets, indices)
+        value.backward()
+        return value.detach(), logits.grad
+
+    return compute

@@ -21,20 +21,13 @@ def built(hp: dict, **extra):
                       expected_positives=hp["expected_num_pos"], **extra)
 
 
-def value_and_grad(loss, logits, targets, idx):
-    logits = logits.clone().double().requires_grad_(True)
-    value = loss(logits, targets, idx)
-    value.backward()
-    return value.detach(), logits.grad
-
-
 def test_registered_with_metadata():
     cls = LOSSES["aevlp"]
     assert cls.labels == "single positive" and "ICCV 2025" in cls.paper and "GCN" in cls.teacher
 
 
 @pytest.mark.parametrize("name", ["coco", "pascal"])
-def test_official_loops(fixture, name):
+def test_official_loops(fixture, name, value_and_grad):
     loop = fixture["loops"][name]
     hp = loop["hparams"]
     n, k = loop["targets_mlic"].shape
@@ -54,7 +47,7 @@ def test_official_loops(fixture, name):
     assert epochs == set(range(hp["num_epochs"]))
 
 
-def test_official_direct_cases(fixture):
+def test_official_direct_cases(fixture, value_and_grad):
     d = fixture["direct"]
     for name, case in d["cases"].items():
         loss = built(d["hparams"], use_pl=case["use_pl"])

@@ -21,20 +21,13 @@ def rows(pl: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:
     return full
 
 
-def value_and_grad(loss, logits, targets, idx):
-    logits = logits.clone().double().requires_grad_(True)
-    value = loss(logits, targets, idx)
-    value.backward()
-    return value.detach(), logits.grad
-
-
 def test_registered_with_metadata():
     cls = LOSSES["vlpl"]
     assert cls.labels == "single positive" and "CVPR Workshops 2024" in cls.paper and "CLIP" in cls.teacher
 
 
 @pytest.mark.parametrize("run", ["warmup", "official_default"])
-def test_official_runs(fixture, run):
+def test_official_runs(fixture, run, value_and_grad):
     data = fixture["runs"][run]
     hp = data["hparams"]
     n = data["targets_mlic"].shape[0]
@@ -51,7 +44,7 @@ def test_official_runs(fixture, run):
     assert epochs == set(range(hp["num_epochs"]))
 
 
-def test_official_direct_cases(fixture):
+def test_official_direct_cases(fixture, value_and_grad):
     d = fixture["direct"]
     for case in d["cases"]:
         loss = build_loss("vlpl", alpha=case["alpha"], beta_pos=case["beta_pos"], warmup_epochs=case["warmup_epoch"])
